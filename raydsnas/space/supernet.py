@@ -33,7 +33,8 @@ class _MarkCost(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_one = None
         if ctx.needs_input_grad[1]:
-            grad_one = (grad.float() * x.float()).sum()
+            dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 activations: sum in fp32
+            grad_one = (grad.to(dtype) * x.to(dtype)).sum()
         return grad, grad_one
 
 

@@ -238,25 +238,26 @@ class DSNAS:
     # -- one step ------------------------------------------------------------------------------
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
         """One DSNAS iteration on one batch: sample, forward, one backward, two updates."""
+        searching = self.searching
         path = self.sample_path()
         loss, logits, cost = self.compute_gradients(images, labels, path)
         alpha_grad = self.alpha_gradient(path, cost)
         alpha_grad = self._synchronise(path, alpha_grad)
-        if self.searching:
+        if searching:
             self._apply_alpha_gradient(alpha_grad)
         self.weight_opt.step()
         self.scheduler.step()
         self.step_count += 1
 
         newly = []
-        if self.searching and self.step_count % self.config.freeze_interval == 0:
+        if searching and self.step_count % self.config.freeze_interval == 0:
             newly = self.freeze_settled_layers()
         return StepStats(
             step=self.step_count, loss=loss.detach(),
             correct=(logits.detach().argmax(-1) == labels).sum(), batch_size=len(labels),
             path=path, expected_flops=self.expected_flops(), entropy=self.entropy(),
             num_frozen=len(self.frozen), newly_frozen=newly,
-            lr=self.weight_opt.param_groups[0]["lr"], searching=self.searching)
+            lr=self.weight_opt.param_groups[0]["lr"], searching=searching)
 
     def compute_gradients(self, images: torch.Tensor, labels: torch.Tensor,
                           path: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,10 +274,11 @@ class DSNAS:
                 if track and l not in self.frozen else None for l in range(len(path))]
         with self._autocast():
             logits = self.supernet(images, path, ones)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        loss = F.cross_entropy(_at_least_fp32(logits), labels,
+                               label_smoothing=self.config.label_smoothing)
         self.weight_opt.zero_grad(set_to_none=True)
         loss.backward()
-        cost = torch.stack([one.grad.float() if one is not None and one.grad is not None
+        cost = torch.stack([one.grad if one is not None and one.grad is not None
                             else torch.zeros((), device=self.device) for one in ones])
         return loss, logits, cost
 
@@ -313,7 +315,7 @@ class DSNAS:
             searchable[l] = 0
             fixed += float(self._flops_table[l, k])
         total = expected_flops(p * searchable, self._flops_table, fixed)
-        if cfg.flops_budget is None or float(total) <= cfg.flops_budget:
+        if cfg.flops_budget is None or float(total.detach()) <= cfg.flops_budget:
             return torch.zeros(self.space.num_layers, self.space.num_choices)
         (cfg.flops_coef * total / cfg.flops_budget).backward()
         return alpha.grad.float()
@@ -381,7 +383,7 @@ class DSNAS:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            return self.supernet(images, arch or self.argmax_arch()).float()
+            return _at_least_fp32(self.supernet(images, arch or self.argmax_arch()))
 
     def _autocast(self):
         if self.use_amp:
@@ -424,6 +426,10 @@ class DSNAS:
 
     def num_weight_parameters(self) -> int:
         return sum(p.numel() for p in self.supernet.parameters())
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def entropy_per_layer(probs: torch.Tensor) -> torch.Tensor:
