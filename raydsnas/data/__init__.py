@@ -1,0 +1,164 @@
+"""Data at scale: labelled images -> Parquet shards on a local path or S3 -> Ray Data -> workers.
+
+Shard format
+------------
+`python -m raydsnas.data.shard SRC DST [--shard-size N] [--val-src VAL | --val-fraction F]`
+turns an ImageNet-style folder `SRC/<class>/<image>` (JPEG/PNG; label = index of the class in the
+sorted folder names) into a shard set at `DST` (a local path or `s3://bucket/prefix`):
+
+    DST/_manifest.json            format_version, classes, per split: shards, rows, class counts
+    DST/train/part-00000.parquet  rows {image: binary (the original file, not re-encoded),
+    DST/val/part-00000.parquet           label: int64, key: string "<class>/<file>"}
+
+Samples are spread over shards (default 1000 rows) in a seeded random order, so each shard mixes
+classes. The writer runs one Ray Data task per shard; each shard is committed atomically and
+tagged with the digest of the plan, and the manifest is written last. A rerun after a crash keeps
+the complete shards and writes only the missing or stale ones. On a multi-node cluster write to
+shared storage (S3): a local DST is written on whichever node runs each task.
+Validation: `--val-src` (e.g. ImageNet's val folder, same classes) or `--val-fraction F` (a fixed
+seeded per-class hold-out of SRC).
+
+Reading
+-------
+    spec = DataSpec(uri="s3://bucket/imagenet", image_size=224, seed=0)
+    train, val, manifest = build_datasets(spec)      # Ray Datasets + the shard-set manifest
+    trainer = TorchTrainer(..., datasets={"train": train, "val": val},
+                           dataset_config=ray.train.DataConfig(
+                               datasets_to_split=["train"],
+                               execution_options=execution_options(spec)))
+    # in each worker, every epoch:
+    for batch in iter_train_batches(ray.train.get_dataset_shard("train"), spec,
+                                    epoch=epoch, batch_size=256, rank=rank):
+        x = normalize(batch["image"], device, channels_last=True)   # float, on the device
+        y = batch["label"].to(device)
+
+Rows are `{"image": uint8 [N, 3, S, S], "label": int64}` (plus `"key"` with `keep_keys`).
+Train: Parquet read with a seeded file shuffle, decode + RandomResizedCrop(`crop_scale`,
+`crop_ratio`) + horizontal flip in `map_batches` on CPU; each worker's `iter_train_batches` adds a
+local shuffle buffer of `shuffle_buffer` rows. Validation: Resize(shorter side = image_size /
+val_crop_ratio) + CenterCrop(image_size), not shuffled. `normalize` standardises with the
+ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) on the device.
+
+Per-epoch order: every pass over `train` is one Ray Data execution; Ray numbers them, and the file
+order and each sample's crop/flip are drawn from (seed, that number, sample key). A fresh
+`build_datasets` starts at epoch 0 (or `start_epoch=` to resume); the shuffle buffer is seeded
+from (seed, epoch, rank). The file order and augmentations are therefore reproducible; the exact
+row order also depends on which decode task finishes first unless `preserve_order: true`.
+
+Built-in data sets
+------------------
+`uri: builtin:digits` -- scikit-learn's 1797 handwritten digits (8x8, 10 classes), stored as
+grayscale PNGs and decoded to 3 channels, written as a shard set into the local cache
+(`$RAYDSNAS_CACHE`, else `~/.cache/raydsnas`) on first use and read back through exactly the path
+above. Fixed split: train = samples 0..1499 of `load_digits()`, val = samples 1500..1796.
+Suggested: `image_size: 32, crop_scale: [0.5, 1.0], hflip: false`.
+
+Storage options and AWS environment variables
+---------------------------------------------
+`storage_options` (S3): `endpoint_url`, `region`, `anonymous`, `access_key_id`,
+`secret_access_key`, `session_token`, `connect_timeout` (default 10 s), `request_timeout`.
+Unset options fall back to the standard environment: `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
+(read by raydsnas, since pyarrow ignores them), `AWS_REGION` / `AWS_DEFAULT_REGION`,
+`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, `AWS_PROFILE`, and instance
+or container roles. Prefer the environment or roles for secrets: secrets in `storage_options`
+travel inside Ray task arguments (they are never logged or written; `DataSpec`'s repr redacts
+them). `resolve_filesystem(uri, storage_options)` is the one helper every reader and writer uses.
+
+Bad data
+--------
+Errors are raised in the driver before any task starts when possible, and always name the thing:
+missing/empty prefix or no manifest (`ShardSetNotFoundError`), wrong schema / row count / stale
+shard / label range from the Parquet statistics (`ShardFormatError`, `LabelOutOfRangeError`),
+unreachable endpoint (`EndpointUnreachableError`), no credentials (`MissingCredentialsError`),
+refused credentials (`AccessDeniedError`). In the decode tasks: a label out of range
+(`LabelOutOfRangeError`) and an undecodable image (`CorruptImageError`), both naming the shard and
+key; with `skip_corrupt: true` undecodable images are dropped instead and counted in
+`build_datasets(spec).skipped` (`count()`, `reasons()`), which pickles into Train workers.
+
+Memory and streaming knobs (Ray Data)
+-------------------------------------
+Nothing reads the whole set into memory; Ray Data's streaming executor backpressures each
+operator. The knobs, from most to least useful:
+- `object_store_limit_bytes` (DataSpec) -> `ExecutionOptions.resource_limits.object_store_memory`:
+  the object-store memory the pipeline may fill with decoded batches. Under Ray Train pass
+  `DataConfig(execution_options=execution_options(spec))`, since Train replaces the options.
+- `DataContext.get_current().target_max_block_size` (default 128 MiB): the largest block; shards
+  are written in row groups of 128 rows so a read block stays small.
+- `decode_batch_size` (DataSpec): rows per decode call, i.e. the size of one decoded block
+  (64 x 3 x 224 x 224 uint8 = 9.6 MB).
+- `shuffle_buffer` (DataSpec) and `prefetch_batches` (`iter_train_batches`): rows held in each
+  training worker.
+- The object store itself: `ray start --object-store-memory`; excess spills to disk.
+"""
+
+from raydsnas.data.builtin import BUILTIN_SETS, builtin_shard_set
+from raydsnas.data.errors import (
+    AccessDeniedError,
+    CorruptImageError,
+    DataError,
+    DataSpecError,
+    EndpointUnreachableError,
+    LabelOutOfRangeError,
+    MissingCredentialsError,
+    ShardFormatError,
+    ShardSetNotFoundError,
+    SourceFolderError,
+    StorageError,
+    StorageOptionsError,
+)
+from raydsnas.data.format import Manifest, ShardEntry, SplitInfo
+from raydsnas.data.pipeline import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataSets,
+    DataSpec,
+    SkippedImages,
+    build_datasets,
+    execution_options,
+    iter_train_batches,
+    local_shuffle_seed,
+    normalize,
+)
+from raydsnas.data.shard import WriteReport, write_shards
+from raydsnas.data.storage import (
+    redact_storage_options,
+    resolve_filesystem,
+    storage_errors,
+    write_bytes_atomic,
+)
+
+__all__ = [
+    "BUILTIN_SETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "AccessDeniedError",
+    "CorruptImageError",
+    "DataError",
+    "DataSets",
+    "DataSpec",
+    "DataSpecError",
+    "EndpointUnreachableError",
+    "LabelOutOfRangeError",
+    "Manifest",
+    "MissingCredentialsError",
+    "ShardEntry",
+    "ShardFormatError",
+    "ShardSetNotFoundError",
+    "SkippedImages",
+    "SourceFolderError",
+    "SplitInfo",
+    "StorageError",
+    "StorageOptionsError",
+    "WriteReport",
+    "build_datasets",
+    "builtin_shard_set",
+    "execution_options",
+    "iter_train_batches",
+    "local_shuffle_seed",
+    "normalize",
+    "redact_storage_options",
+    "resolve_filesystem",
+    "storage_errors",
+    "write_bytes_atomic",
+    "write_shards",
+]
