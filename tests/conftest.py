@@ -112,6 +112,8 @@ def ray_local(aws_test_credentials, tmp_path_factory) -> Iterator[Path]:
         include_dashboard=False,
         logging_level="WARNING",
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        # One machine: keep torch.distributed's gloo on loopback (see shared/RAY_NOTES.md).
+        runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())

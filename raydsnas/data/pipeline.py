@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 import ray.data
+import ray.util
 import torch
 from PIL import Image
 from ray.data import ExecutionOptions, ExecutionResources, FileShuffleConfig
 from ray.data.context import DataContext
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raydsnas.data.builtin import BUILTIN_PREFIX, BUILTIN_SETS, builtin_shard_set
 from raydsnas.data.errors import CorruptImageError, DataSpecError, LabelOutOfRangeError
@@ -351,7 +351,7 @@ def build_datasets(spec: DataSpec, *, start_epoch: int = 0) -> DataSets:
                 )
             verify_shards(fs, root, uri, manifest, split)
     if not ray.is_initialized():
-        ray.init()  # what Ray Data would do on first use; the node id below needs it now
+        ray.init()  # what Ray Data would do on first use; the node address below needs it now
     skipped = SkippedImages() if spec.skip_corrupt else None
     common = dict(
         fs=fs,
@@ -390,19 +390,19 @@ def _split_dataset(
     training = split == "train"
     relative = [entry.path for entry in manifest.splits[split].shards]
     paths = [join_path(root, p) for p in relative]
-    read_on_this_node = {}
-    if driver_node_only and is_local_uri(uri):
-        read_on_this_node = {
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False
-            )
-        }
+    # Ray gives every node a resource "node:<ip>"; asking for a sliver of it pins the reads there.
+    read_on_this_node = (
+        {f"node:{ray.util.get_node_ip_address()}": 0.001}
+        if driver_node_only and is_local_uri(uri)
+        else None
+    )
     dataset = ray.data.read_parquet(
         paths,
         filesystem=fs,
         include_paths=True,
         shuffle=FileShuffleConfig(seed=spec.seed, reseed_after_execution=True) if training else None,
-        ray_remote_args=read_on_this_node,
+        partitioning=None,  # "key=value" folders in a user's prefix are not columns
+        resources=read_on_this_node,
     )
     dataset = dataset.map_batches(
         partial(
