@@ -7,8 +7,8 @@
     <uri>/arch.json           architecture, space, FLOPs, params, metadata, and the sha256 of
                               every other file; written last, it is the commit marker
 
-Each file is written under a temporary name and then moved into place, and `arch.json` goes
-last, so a reader never trusts a half-written artifact: `load_child` checks every checksum.
+Each file is written atomically (local: a temporary name, then a rename; object stores: one
+upload, published whole), and `arch.json` goes last, so a reader never trusts a half-written artifact: `load_child` checks every checksum.
 `load_child(uri)` rebuilds the `ChildNet` from `arch.json` and the safetensors file alone: no
 supernet, no unpickling.
 
@@ -24,15 +24,16 @@ import hashlib
 import io
 import json
 import sys
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import fsspec
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from raydsnas.data.errors import DataError
+from raydsnas.data.storage import read_bytes, resolve_filesystem, storage_errors, write_bytes_atomic
 from raydsnas.space.child import ChildNet
 from raydsnas.space.space import SearchSpace
 
@@ -46,24 +47,8 @@ class ArtifactError(RuntimeError):
     """An artifact that is missing, incomplete or fails its checksums."""
 
 
-def open_filesystem(uri: str, storage_options: Mapping[str, Any] | None = None):
-    """(filesystem, path) for a URL; credentials come from the environment or `storage_options`."""
-    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomically(fs, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    try:
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
 
 
 def export_program(child: ChildNet) -> bytes:
@@ -86,8 +71,7 @@ def save_child(child: ChildNet, uri: str, *, meta: Mapping[str, Any] | None = No
     `meta` (final metrics, the config that produced it, ...) is stored in `arch.json` as is; it
     must be JSON-serialisable and must not hold secrets.
     """
-    fs, root = open_filesystem(uri, storage_options)
-    fs.makedirs(root, exist_ok=True)
+    fs, root = resolve_filesystem(uri, storage_options)
     state = {k: v.detach().cpu().contiguous() for k, v in child.state_dict().items()}
     files = {WEIGHTS_FILE: save_safetensors(state, metadata={"format": FORMAT})}
     if program:
@@ -107,21 +91,25 @@ def save_child(child: ChildNet, uri: str, *, meta: Mapping[str, Any] | None = No
         "versions": {"raydsnas": _version(), "torch": torch.__version__},
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    for name, data in files.items():
-        _write_atomically(fs, f"{root}/{name}", data)
-    _write_atomically(fs, f"{root}/{ARCH_FILE}",
-                      json.dumps(record, indent=2, sort_keys=True).encode())
+    with storage_errors(uri, storage_options):
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(root, recursive=True)
+        for name, data in files.items():
+            write_bytes_atomic(fs, f"{root}/{name}", data)
+        write_bytes_atomic(fs, f"{root}/{ARCH_FILE}",
+                           json.dumps(record, indent=2, sort_keys=True).encode())
     return uri
 
 
 def read_record(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The parsed `arch.json` of an artifact."""
-    fs, root = open_filesystem(uri, storage_options)
+    fs, root = resolve_filesystem(uri, storage_options)
     path = f"{root}/{ARCH_FILE}"
-    if not fs.exists(path):
-        raise ArtifactError(f"no {ARCH_FILE} at {uri}: not a raydsnas child artifact "
-                            "(or its write never committed)")
-    record = json.loads(fs.cat_file(path))
+    with storage_errors(uri, storage_options):
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise ArtifactError(f"no {ARCH_FILE} at {uri}: not a raydsnas child artifact "
+                                "(or its write never committed)")
+        record = json.loads(read_bytes(fs, path))
     if record.get("format") != FORMAT:
         raise ArtifactError(f"{uri}/{ARCH_FILE} has format {record.get('format')!r}; "
                             f"this raydsnas reads {FORMAT!r}")
@@ -133,7 +121,7 @@ def _read_verified(fs, root: str, uri: str, record: dict, name: str) -> bytes:
     if expected is None:
         raise ArtifactError(f"{uri} has no {name}")
     try:
-        data = fs.cat_file(f"{root}/{name}")
+        data = read_bytes(fs, f"{root}/{name}")
     except FileNotFoundError as err:
         raise ArtifactError(f"{uri}/{name} is listed in {ARCH_FILE} but missing") from err
     if _sha256(data) != expected["sha256"]:
@@ -148,7 +136,7 @@ def load_child(uri: str, *, device: torch.device | str = "cpu",
 
     Reads JSON and safetensors only: nothing is unpickled and no code from the artifact runs.
     """
-    fs, root = open_filesystem(uri, storage_options)
+    fs, root = resolve_filesystem(uri, storage_options)
     record = read_record(uri, storage_options)
     state = load_safetensors(_read_verified(fs, root, uri, record, WEIGHTS_FILE))
     child = ChildNet(SearchSpace.from_dict(record["space"]), record["arch"])
@@ -159,7 +147,7 @@ def load_child(uri: str, *, device: torch.device | str = "cpu",
 
 def load_program(uri: str, *, storage_options: Mapping[str, Any] | None = None):
     """The artifact's `torch.export` program (an `ExportedProgram`; call `.module()` to run it)."""
-    fs, root = open_filesystem(uri, storage_options)
+    fs, root = resolve_filesystem(uri, storage_options)
     record = read_record(uri, storage_options)
     data = _read_verified(fs, root, uri, record, PROGRAM_FILE)
     return torch.export.load(io.BytesIO(data))
@@ -179,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         child = load_child(args.uri)
-    except (ArtifactError, FileNotFoundError, ValueError) as err:
+    except (ArtifactError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     space, record = child.space, child.meta

@@ -124,3 +124,21 @@ def test_evaluate_counts_top1_and_top5():
     labels = torch.tensor([0, 0, 2])
     acc = evaluate(lambda x: x, [(logits, labels)])
     assert acc.count == 3 and acc.top1 == pytest.approx(1 / 3) and acc.top5 == pytest.approx(2 / 3)
+
+
+def test_artifact_round_trips_through_s3_without_leaking_the_secret(trained, s3_server):
+    from tests.conftest import TEST_SECRET_ACCESS_KEY
+
+    bucket = s3_server.make_bucket("subnet")
+    uri = f"s3://{bucket}/run/subnet"
+    save_child(trained.export_child(), uri, storage_options=s3_server.storage_options)
+    objects = s3_server.object_contents(bucket)
+    assert sorted(objects) == [f"{bucket}/run/subnet/{n}"
+                               for n in ("arch.json", "model.pt2", "model.safetensors")]
+    assert not any(TEST_SECRET_ACCESS_KEY.encode() in data for data in objects.values())
+    child = load_child(uri, storage_options=s3_server.storage_options)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (child(x) - trained.predict(x, child.arch)).abs().max() <= 1e-5
+    with pytest.raises(ArtifactError, match="no arch.json"):
+        load_child(f"s3://{bucket}/elsewhere", storage_options=s3_server.storage_options)
