@@ -21,22 +21,30 @@ class Accuracy:
 
 
 @torch.no_grad()
+def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float64 [top-1 hits, top-5 hits, summed cross-entropy, count] of one batch (CPU)."""
+    logits = logits.float()
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    hits = top == labels.unsqueeze(-1)
+    return torch.tensor([float(hits[:, 0].sum()), float(hits.any(-1).sum()),
+                         float(F.cross_entropy(logits, labels, reduction="sum")), len(labels)],
+                        dtype=torch.float64)
+
+
+def accuracy_from_sums(sums: torch.Tensor) -> Accuracy:
+    count = int(sums[3])
+    if count == 0:
+        raise ValueError("no samples were evaluated")
+    return Accuracy(float(sums[0]) / count, float(sums[1]) / count, float(sums[2]) / count, count)
+
+
+@torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch]) -> Accuracy:
     """Top-1 / top-5 accuracy and mean cross-entropy of `forward` (logits) over `batches`."""
-    top1 = top5 = loss = 0.0
-    count = 0
+    sums = torch.zeros(4, dtype=torch.float64)
     for images, labels in batches:
-        logits = forward(images).float()
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hits = top == labels.unsqueeze(-1)
-        top1 += float(hits[:, 0].sum())
-        top5 += float(hits.any(-1).sum())
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        count += len(labels)
-    if count == 0:
-        raise ValueError("evaluate() got no batches")
-    return Accuracy(top1 / count, top5 / count, loss / count, count)
+        sums += accuracy_sums(forward(images), labels)
+    return accuracy_from_sums(sums)
 
 
 @torch.no_grad()

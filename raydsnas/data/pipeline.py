@@ -61,6 +61,9 @@ class DataSpec:
         object_store_limit_bytes: cap on the object-store memory the pipeline may hold
             (None: Ray Data's default share of the object store).
         keep_keys: also emit each row's `key` (strings: use `iter_batches`, not torch batches).
+        target_block_bytes: largest block the read and decode steps emit. Ray Data packs up to
+            128 MiB of shards into one read task; smaller blocks are what spreads decoding over
+            the CPUs and bounds the memory of each task.
     """
 
     uri: str = f"{BUILTIN_PREFIX}digits"
@@ -77,6 +80,7 @@ class DataSpec:
     preserve_order: bool = False
     object_store_limit_bytes: int | None = None
     keep_keys: bool = False
+    target_block_bytes: int = 8 * 2**20
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
@@ -114,6 +118,8 @@ class DataSpec:
             fail("val_crop_ratio", "must be a number in (0, 1]")
         if not is_int(self.decode_batch_size) or self.decode_batch_size < 1:
             fail("decode_batch_size", "must be a positive integer")
+        if not is_int(self.target_block_bytes) or self.target_block_bytes < 2**16:
+            fail("target_block_bytes", "must be an integer of at least 65536 bytes")
         if self.object_store_limit_bytes is not None and (
             not is_int(self.object_store_limit_bytes) or self.object_store_limit_bytes <= 0
         ):
@@ -404,6 +410,7 @@ def _split_dataset(
         partitioning=None,  # "key=value" folders in a user's prefix are not columns
         resources=read_on_this_node,
     )
+    dataset.context.target_max_block_size = spec.target_block_bytes
     dataset = dataset.map_batches(
         partial(
             decode_batch,

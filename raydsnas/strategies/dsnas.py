@@ -71,8 +71,8 @@ class DSNASConfig:
         _check(self.epochs > 0, "epochs", self.epochs, "a number > 0")
         _check(self.steps_per_epoch >= 1, "steps_per_epoch", self.steps_per_epoch,
                "an integer >= 1")
-        _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
-               f"a number in [0, epochs={self.epochs}]")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
+               "a number >= 0 (longer than the run: warm-up over the whole run)")
         _check(0 <= self.pretrain_epochs <= self.epochs, "pretrain_epochs", self.pretrain_epochs,
                f"a number in [0, epochs={self.epochs}]")
         _check(self.freeze_check_every is None or self.freeze_check_every >= 1,
@@ -89,7 +89,7 @@ class DSNASConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return round(self.warmup_epochs * self.steps_per_epoch)
+        return min(self.total_steps, round(self.warmup_epochs * self.steps_per_epoch))
 
     @property
     def pretrain_steps(self) -> int:

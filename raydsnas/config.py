@@ -1,0 +1,413 @@
+"""Job configuration: one YAML file with sections `name`, `space`, `data`, `search`, `scaling`,
+`storage`, plus `--set dotted.key=value` overrides, validated before anything starts.
+
+Every error is a `ConfigError` naming the key, the value and what is allowed.
+
+Batch size and learning rate across world sizes (documented rule): `search.global_batch_size`
+is fixed by the config; each of W workers takes `global_batch_size // W` samples a step, and the
+weight learning rate is `search.lr * (per_worker_batch * W) / search.lr_reference_batch`
+(linear scaling; the paper's 0.5 at 1024). So an epoch has the same number of steps and the
+same schedule whatever W is, and an elastic resize continues the same recipe.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydsnas.data.errors import DataSpecError
+from raydsnas.data.pipeline import DataSpec
+from raydsnas.space import SearchSpace
+from raydsnas.strategies.dsnas import DSNASConfig
+
+STRATEGIES = ("dsnas",)
+SPACE_PRESETS = ("cifar", "imagenet", "custom")
+SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token", "key", "secret", "token",
+               "password")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is unknown, of the wrong type, or out of range."""
+
+
+# -- typed sections ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpaceSection:
+    """`preset` (cifar: 32x32, stem stride 1; imagenet: 224; custom: all defaults of
+    `SearchSpace`) plus any `SearchSpace` field to override. `num_classes: auto` takes the
+    number of classes of the data set."""
+
+    preset: str = "cifar"
+    num_classes: int | str = "auto"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self, num_classes: int | None = None) -> SearchSpace:
+        classes = self.num_classes if self.num_classes != "auto" else num_classes
+        if classes is None:
+            raise ConfigError("space.num_classes = 'auto' needs the data set's class count")
+        if self.preset == "imagenet":
+            base = SearchSpace.imagenet(classes).to_dict()
+        elif self.preset == "cifar":
+            base = SearchSpace.cifar(classes).to_dict()
+        else:
+            base = SearchSpace(num_classes=classes).to_dict()
+        try:
+            return SearchSpace.from_dict({**base, **self.overrides})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    """The job-level part of `search`; every other key goes to `DSNASConfig`."""
+
+    strategy: str = "dsnas"
+    epochs: int = 20
+    global_batch_size: int = 64
+    lr_reference_batch: int = 1024
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    bn_recalibration_batches: int = 8
+    log_every: int = 10
+    max_steps_per_epoch: int | None = None
+    dsnas: Mapping[str, Any] = field(default_factory=dict)
+
+    def dsnas_config(self, steps_per_epoch: int, lr: float) -> DSNASConfig:
+        return DSNASConfig.from_dict({**self.dsnas, "epochs": self.epochs,
+                                      "steps_per_epoch": steps_per_epoch, "lr": lr})
+
+    @property
+    def base_lr(self) -> float:
+        return float(self.dsnas.get("lr", DSNASConfig.lr))
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    """How many Ray Train workers (an int, or `[min, max]` for elastic training) and of what."""
+
+    num_workers: int | tuple[int, int] = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 3
+    sync_bn: bool = False
+    elastic_resize_interval_s: float = 60.0
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    """Where runs go: a local folder or `s3://bucket/prefix`. Credentials never go here: they
+    come from the environment (AWS_*) or the cloud role. `options` takes e.g. `endpoint_url`,
+    `region`, `anonymous`."""
+
+    uri: str = "./runs"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    space: SpaceSection
+    data: DataSpec
+    search: SearchSection
+    scaling: ScalingSection
+    storage: StorageSection
+    source: dict = field(default_factory=dict, compare=False)  # the validated mapping, for records
+
+    def to_dict(self) -> dict:
+        return self.source
+
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "name": "dsnas-digits",
+    "space": {"preset": "cifar", "num_classes": "auto", "width_mult": 0.5,
+              "stage_repeats": [2, 2, 4, 2]},
+    "data": {"uri": "builtin:digits", "image_size": 32, "crop_scale": [0.6, 1.0], "hflip": False,
+             "shuffle_buffer": 256},
+    "search": {"strategy": "dsnas", "epochs": 12, "global_batch_size": 64, "lr": 0.1,
+               "lr_reference_batch": 64, "h": 0.3, "alpha_lr": 0.01, "warmup_epochs": 1,
+               "freeze_check_every": 10, "bn_recalibration_batches": 8},
+    "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},
+    "storage": {"uri": "./runs"},
+}
+
+
+# -- loading -------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """The job config from a YAML file (or the embedded default) with `key=value` overrides."""
+    if path is None:
+        raw: Any = _deep_copy(DEFAULT_CONFIG)
+    else:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got "
+                              f"{type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_config(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply `dotted.key=value` (value parsed as YAML: numbers, lists, null, strings)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, text = item.split("=", 1)
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node.get(part), str) and part == "storage":
+            node[part] = {"uri": node[part]}
+        if not isinstance(node.setdefault(part, {}), dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_config(raw: Mapping[str, Any]) -> JobConfig:
+    sections = ("name", "space", "data", "search", "scaling", "storage")
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: {list(sections)}")
+    name = raw.get("name", DEFAULT_CONFIG["name"])
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise ConfigError(f"name = {name!r} is not allowed; expected letters, digits, '.', '_', "
+                          "'-' (a folder name, at most 128 characters)")
+    space = _parse_space(_section(raw, "space"))
+    try:
+        data = DataSpec.from_dict(_section(raw, "data"))
+    except DataSpecError as err:
+        raise ConfigError(str(err)) from None
+    search = _parse_search(_section(raw, "search"))
+    scaling = _parse_scaling(_section(raw, "scaling"))
+    storage_raw = raw.get("storage", {})
+    if isinstance(storage_raw, str):
+        storage_raw = {"uri": storage_raw}
+    storage = _parse_storage(_mapping("storage", storage_raw))
+    if scaling.max_workers > search.global_batch_size:
+        raise ConfigError(f"scaling.num_workers = {scaling.num_workers!r} is not allowed with "
+                          f"search.global_batch_size = {search.global_batch_size}: every worker "
+                          "needs at least one sample a step")
+    source = {"name": name, "space": _section(raw, "space"), "data": _section(raw, "data"),
+              "search": _section(raw, "search"), "scaling": _section(raw, "scaling"),
+              "storage": {"uri": storage.uri, "options": dict(storage.options),
+                          "keep_checkpoints": storage.keep_checkpoints}}
+    return JobConfig(name, space, data, search, scaling, storage, source)
+
+
+def _section(raw: Mapping[str, Any], name: str) -> dict:
+    return dict(_mapping(name, raw.get(name, {}) or {}))
+
+
+def _mapping(name: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} = {value!r} is not allowed; expected a mapping of keys")
+    return value
+
+
+def _parse_space(raw: dict) -> SpaceSection:
+    preset = raw.pop("preset", "cifar")
+    if preset not in SPACE_PRESETS:
+        raise ConfigError(f"space.preset = {preset!r} is not allowed; expected one of "
+                          f"{list(SPACE_PRESETS)}")
+    num_classes = raw.pop("num_classes", "auto")
+    if num_classes != "auto" and not _is_int(num_classes):
+        raise ConfigError(f"space.num_classes = {num_classes!r} is not allowed; expected 'auto' "
+                          "or an integer >= 1")
+    allowed = {f.name for f in fields(SearchSpace) if f.init} - {"num_classes"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"space: unknown key(s) {unknown}; allowed: "
+                          f"{['preset', 'num_classes', *sorted(allowed)]}")
+    _check_types("space", SearchSpace, raw)
+    section = SpaceSection(preset, num_classes, raw)
+    section.build(num_classes if num_classes != "auto" else 10)  # validate the values now
+    return section
+
+
+def _parse_search(raw: dict) -> SearchSection:
+    job_keys = {f.name for f in fields(SearchSection)} - {"dsnas"}
+    job = {k: raw.pop(k) for k in list(raw) if k in job_keys}
+    dsnas_keys = {f.name for f in fields(DSNASConfig)} - {"epochs", "steps_per_epoch"}
+    unknown = sorted(set(raw) - dsnas_keys)
+    if unknown:
+        raise ConfigError(f"search: unknown key(s) {unknown}; allowed: "
+                          f"{sorted(job_keys | dsnas_keys)}")
+    _check_types("search", SearchSection, job)
+    _check_types("search", DSNASConfig, raw)
+    section = SearchSection(**job, dsnas=raw)
+    _check_choice("search.strategy", section.strategy, STRATEGIES)
+    for key in ("epochs", "global_batch_size", "lr_reference_batch", "eval_every",
+                "checkpoint_every", "log_every"):
+        _check_range(f"search.{key}", getattr(section, key), 1)
+    _check_range("search.bn_recalibration_batches", section.bn_recalibration_batches, 0)
+    if section.max_steps_per_epoch is not None:
+        _check_range("search.max_steps_per_epoch", section.max_steps_per_epoch, 1)
+    try:
+        section.dsnas_config(steps_per_epoch=1, lr=section.base_lr)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return section
+
+
+def _parse_scaling(raw: dict) -> ScalingSection:
+    _known("scaling", ScalingSection, raw)
+    workers = raw.get("num_workers", 1)
+    if _is_int(workers) and workers >= 1:
+        pass
+    elif (isinstance(workers, (list, tuple)) and len(workers) == 2 and all(map(_is_int, workers))
+          and 1 <= workers[0] <= workers[1]):
+        raw["num_workers"] = (int(workers[0]), int(workers[1]))
+    else:
+        raise ConfigError(f"scaling.num_workers = {workers!r} is not allowed; expected an integer "
+                          ">= 1 or [min, max] with 1 <= min <= max")
+    rest = {k: v for k, v in raw.items() if k != "num_workers"}
+    _check_types("scaling", ScalingSection, rest)
+    section = ScalingSection(**raw)
+    _check_range("scaling.max_failures", section.max_failures, 0)
+    _check_range("scaling.cpus_per_worker", section.cpus_per_worker, 0)
+    _check_range("scaling.gpus_per_worker", section.gpus_per_worker, 0)
+    if section.elastic_resize_interval_s <= 0:
+        raise ConfigError("scaling.elastic_resize_interval_s = "
+                          f"{section.elastic_resize_interval_s!r} is not allowed; expected > 0")
+    return section
+
+
+def _parse_storage(raw: Mapping[str, Any]) -> StorageSection:
+    raw = dict(raw)
+    _known("storage", StorageSection, raw)
+    _check_types("storage", StorageSection, raw)
+    options = dict(raw.get("options", {}))
+    secret = sorted(k for k in options if k in SECRET_KEYS)
+    if secret:
+        raise ConfigError(f"storage.options {secret} are credentials: they never go in a config "
+                          "file. Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment "
+                          "or use the cloud role")
+    section = StorageSection(**{**raw, "options": options})
+    if not section.uri.strip():
+        raise ConfigError("storage.uri = '' is not allowed; expected a folder or s3://bucket/prefix")
+    _check_range("storage.keep_checkpoints", section.keep_checkpoints, 1)
+    return section
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _known(section: str, cls: type, raw: Mapping[str, Any]) -> None:
+    allowed = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; allowed: {allowed}")
+
+
+def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; expected one of {list(allowed)}")
+
+
+def _check_range(key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key} = {value!r} is not allowed; expected a number >= {minimum}")
+
+
+def _check_types(section: str, cls: type, raw: dict) -> None:
+    """Coerce/check each value against the dataclass field's annotation (ints for floats are
+    fine; lists for tuples are fine); a mismatch names the key, the value and the type."""
+    hints = typing.get_type_hints(cls)
+    for key, value in list(raw.items()):
+        if key not in hints:
+            continue
+        ok, coerced = _conform(value, hints[key])
+        if not ok:
+            raise ConfigError(f"{section}.{key} = {value!r} is not allowed; expected "
+                              f"{_describe(hints[key])}")
+        raw[key] = coerced
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, coerced = _conform(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is Any:
+        return True, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return _is_int(value), value
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)), value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin in (tuple, list, Sequence) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            return False, value
+        item = args[0] if args else Any
+        items = []
+        for i, v in enumerate(value):
+            arg = args[i] if origin is tuple and args and args[-1] is not Ellipsis else item
+            ok, c = _conform(v, arg)
+            if not ok:
+                return False, value
+            items.append(c)
+        return True, tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        return isinstance(value, Mapping), value
+    return True, value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        if args and args[-1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+__all__ = ["ConfigError", "DEFAULT_CONFIG", "JobConfig", "ScalingSection", "SearchSection",
+           "SpaceSection", "StorageSection", "apply_override", "load_config", "parse_config"]

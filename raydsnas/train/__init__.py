@@ -1,0 +1,1 @@
+"""The search job on Ray Train: the per-worker loop and the driver that launches it."""

@@ -1,0 +1,126 @@
+"""The driver side of a search: read the data set's facts, build the `TorchTrainer`, run it.
+
+Runs and resumes are keyed by `(storage, name)`: running the same job again continues from the
+latest checkpoint under `<storage>/<name>/` (Ray Train finds it; we pass the epoch to the data
+pipeline so the data order continues too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raydsnas.config import JobConfig
+from raydsnas.data.pipeline import build_datasets, execution_options
+from raydsnas.data.storage import is_local_uri, join_path, resolve_filesystem, storage_errors
+from raydsnas.export import read_record
+from raydsnas.train.loop import STATE_FILE, train_func
+from raydsnas.train.synthetic import PREFIX as SYNTHETIC, SyntheticData
+
+CHECKPOINT_DIR = re.compile(r"epoch_(\d{6})")
+
+
+@dataclass
+class SearchOutcome:
+    run_uri: str
+    subnet_uri: str
+    record: dict[str, Any]
+    wall_s: float
+
+
+def run_uri(job: JobConfig) -> str:
+    """`<storage>/<name>`; a local storage folder is made absolute (workers run elsewhere)."""
+    storage = job.storage.uri
+    if is_local_uri(storage):
+        storage = os.path.abspath(os.path.expanduser(storage.removeprefix("file://")))
+    return f"{storage.rstrip('/')}/{job.name}"
+
+
+def connect_ray() -> None:
+    """Join the cluster this runs in (`ray job submit`, RAY_ADDRESS) or start a local one."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        # One machine: keep gloo on loopback (hosts with several interfaces pick badly).
+        ray.init(logging_level="WARNING",
+                 runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
+
+
+def latest_checkpoint_epoch(job: JobConfig) -> int:
+    """The epoch of the newest complete checkpoint under `<storage>/<name>/` (0 if none)."""
+    fs, root = resolve_filesystem(run_uri(job), job.storage.options)
+    with storage_errors(run_uri(job), job.storage.options):
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        epochs = []
+        for info in infos:
+            match = CHECKPOINT_DIR.fullmatch(info.base_name)
+            if match and info.type == pafs.FileType.Directory:
+                state = fs.get_file_info(join_path(info.path, STATE_FILE))
+                if state.type == pafs.FileType.File:
+                    epochs.append(int(match.group(1)))
+    return max(epochs, default=0)
+
+
+def build_trainer(job: JobConfig) -> TorchTrainer:
+    """The `TorchTrainer` of a job (datasets read and checked here, before any worker starts)."""
+    start_epoch = latest_checkpoint_epoch(job)
+    datasets: dict[str, Any] = {}
+    if job.data.uri.startswith(SYNTHETIC):
+        synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed)
+        num_classes, num_train = synthetic.num_classes, synthetic.num_train
+    else:
+        data = build_datasets(job.data, start_epoch=start_epoch)
+        datasets = {"train": data.train, "val": data.val}
+        num_classes = data.manifest.num_classes
+        num_train = data.manifest.splits["train"].num_samples
+    job.space.build(num_classes)  # fails here, not in a worker, if the space cannot be built
+
+    fs, root = resolve_filesystem(job.storage.uri, job.storage.options)
+    if is_local_uri(job.storage.uri):
+        storage = dict(storage_path=root)
+    else:
+        storage = dict(storage_path=root, storage_filesystem=fs)
+    scaling = job.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"job": job.to_dict(), "num_classes": num_classes,
+                           "num_train": num_train, "run_uri": run_uri(job),
+                           "start_epoch": start_epoch},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s),
+        run_config=ray.train.RunConfig(
+            name=job.name,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.storage.keep_checkpoints),
+            **storage),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets),
+                                            execution_options=execution_options(job.data)),
+    )
+
+
+def run_search(job: JobConfig) -> SearchOutcome:
+    """Run (or resume) a search job to the end and return where its child network went."""
+    t0 = time.perf_counter()
+    connect_ray()
+    trainer = build_trainer(job)
+    trainer.fit()
+    subnet_uri = f"{run_uri(job)}/subnet"
+    record = read_record(subnet_uri, job.storage.options)
+    return SearchOutcome(run_uri(job), subnet_uri, record, time.perf_counter() - t0)

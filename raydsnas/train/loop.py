@@ -1,0 +1,273 @@
+"""The per-worker search loop that Ray Train runs on every worker (`train_func(config)`).
+
+Each worker: builds the supernet and the DSNAS strategy, restores the latest checkpoint if
+there is one, runs DSNAS steps on its data shard (all ranks in lockstep: every step ends in one
+all-reduce of weight and architecture gradients), checks every epoch that no rank diverged,
+evaluates the argmax architecture on the validation split, reports metrics, and checkpoints
+from rank 0. At the end the child network is exported to `<storage>/<run>/subnet/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ray.train
+import torch
+
+from raydsnas.config import JobConfig, parse_config
+from raydsnas.data.pipeline import iter_train_batches, normalize
+from raydsnas.data.storage import join_path, resolve_filesystem
+from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_bn
+from raydsnas.export import save_child
+from raydsnas.strategies import DSNAS, Collective, default_collective
+from raydsnas.train.events import EventLog
+from raydsnas.train.synthetic import PREFIX as SYNTHETIC, SyntheticData
+from raydsnas.train.sync_bn import average_bn_buffers, use_global_batch_norm
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+class RanksDivergedError(RuntimeError):
+    """Ranks disagree on alpha or on the frozen layers: a bug or a non-deterministic step."""
+
+
+def world_batch(job: JobConfig, world: int) -> tuple[int, float]:
+    """(per-worker batch, weight lr) for `world` workers: the documented scaling rule."""
+    per_worker = job.search.global_batch_size // world
+    lr = job.search.base_lr * per_worker * world / job.search.lr_reference_batch
+    return per_worker, lr
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`. `config`: the validated job mapping (`job`), the
+    data set facts the driver read (`num_classes`, `num_train`), `run_uri`, `start_epoch`."""
+    job = parse_config(config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    collective = default_collective()
+    device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+
+    per_worker, lr = world_batch(job, world)
+    steps_per_epoch = config["num_train"] // (per_worker * world)
+    if job.search.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, job.search.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training split has {config['num_train']} samples, fewer than one "
+                         f"global batch ({per_worker * world}); lower search.global_batch_size")
+    space = job.space.build(config["num_classes"])
+    strategy = DSNAS(space, job.search.dsnas_config(steps_per_epoch, lr), device=device,
+                     collective=collective)
+    if job.scaling.sync_bn and world > 1:
+        use_global_batch_norm(strategy.supernet)
+
+    run_uri = config["run_uri"]
+    fs, run_root = resolve_filesystem(run_uri, job.storage.options)
+    start_epoch, elapsed_s, worker_s, history = 0, 0.0, 0.0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location=device,
+                               weights_only=True)
+        strategy.load_state_dict(state["strategy"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, elapsed_s = state["epoch"], state["elapsed_s"]
+        worker_s, history = state["worker_s"], json.loads(state["history"])
+        if rank == 0:
+            print(f"[raydsnas] resumed from epoch {start_epoch} (step {strategy.step_count}), "
+                  f"world size {world}, per-worker batch {per_worker}, lr {lr:g}", flush=True)
+    data = Batches(job, config, rank, world, per_worker, steps_per_epoch, device,
+                   strategy.channels_last)
+    events = EventLog(rank == 0, fs, join_path(run_root, "events"))
+    total_epochs = job.search.epochs
+
+    for epoch in range(start_epoch, total_epochs):
+        t0 = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        for i, (images, labels) in enumerate(data.train(epoch)):
+            stats = strategy.step(images, labels)
+            loss_sum += float(stats.loss) * stats.batch_size
+            correct += float(stats.correct)
+            seen += stats.batch_size
+            if rank == 0 and (i + 1) % job.search.log_every == 0:
+                rate = seen * world / (time.perf_counter() - t0)
+                print(f"[raydsnas] epoch {epoch + 1}/{total_epochs} step {i + 1}/{steps_per_epoch}"
+                      f" loss {float(stats.loss):.4f} acc {float(stats.correct) / stats.batch_size:.3f}"
+                      f" entropy {stats.entropy:.3f} frozen {stats.num_frozen}/{space.num_layers}"
+                      f" E[FLOPs] {stats.expected_flops / 1e6:.2f}M {rate:.0f} img/s", flush=True)
+        epoch_s = time.perf_counter() - t0
+        elapsed_s += epoch_s
+        worker_s += epoch_s * world
+        check_ranks_agree(strategy, collective)
+        average_bn_buffers(strategy.supernet, collective)
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        collective.all_reduce_sum(totals)
+        totals = totals.cpu()
+        last = epoch + 1 == total_epochs
+        metrics = {
+            "epoch": epoch + 1, "step": strategy.step_count, "world_size": world,
+            "train_loss": float(totals[0] / max(totals[2], 1)),
+            "train_top1": float(totals[1] / max(totals[2], 1)),
+            "entropy": strategy.entropy(), "frozen": len(strategy.frozen),
+            "expected_flops": strategy.expected_flops(), "argmax_flops": space.flops(strategy.argmax_arch()),
+            "lr": strategy.weight_opt.param_groups[0]["lr"],
+            "images_per_s": float(totals[2]) / max(epoch_s, 1e-9),
+            "elapsed_s": elapsed_s, "arch": json.dumps(strategy.argmax_arch()),
+        }
+        if last or (epoch + 1) % job.search.eval_every == 0:
+            metrics.update(data.evaluate(strategy.predict, collective))
+        history.append({k: v for k, v in metrics.items() if k != "arch"})
+        events.scalars(strategy.step_count, {k: v for k, v in metrics.items()
+                                             if isinstance(v, (int, float)) and k != "epoch"})
+        events.arch(strategy.step_count, strategy.probs(), strategy.frozen)
+        events.sync()
+        if rank == 0:
+            print(f"[raydsnas] epoch {epoch + 1}/{total_epochs} done: "
+                  + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in metrics.items()), flush=True)
+
+        if last:
+            metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
+                                         elapsed_s, worker_s))
+        if last or (epoch + 1) % job.search.checkpoint_every == 0:
+            report_with_checkpoint(metrics, strategy, rank, epoch + 1, elapsed_s, worker_s, history)
+        else:
+            ray.train.report(metrics)
+    if start_epoch >= total_epochs:  # resumed a finished run: report its result again
+        ray.train.report({"epoch": total_epochs, "step": strategy.step_count, **(
+            history[-1] if history else {})})
+    events.close()
+
+
+def export_result(job: JobConfig, strategy: DSNAS, data: Batches, collective: Collective,
+                  run_uri: str, rank: int, elapsed_s: float, worker_s: float) -> dict[str, Any]:
+    """BN-recalibrate, evaluate and export the argmax child (every rank computes, rank 0 writes)."""
+    arch = strategy.argmax_arch()
+    child = strategy.export_child(arch)
+    if job.search.bn_recalibration_batches:
+        batches = (images for images, _ in data.train(job.search.epochs,
+                                                      limit=job.search.bn_recalibration_batches))
+        recalibrate_bn(child, batches)
+        average_bn_buffers(child, collective)
+    child.eval()
+    accuracy = data.evaluate(child, collective, prefix="child_val")
+    space = strategy.space
+    meta = {
+        "name": job.name, "top1": accuracy["child_val_top1"], "top5": accuracy["child_val_top5"],
+        "val_samples": accuracy["child_val_samples"], "flops": space.flops(arch),
+        "params": space.params(arch), "wall_time_s": elapsed_s, "worker_hours": worker_s / 3600,
+        "steps": strategy.step_count, "frozen_layers": {str(k): v for k, v in strategy.frozen.items()},
+        "bn_recalibrated": bool(job.search.bn_recalibration_batches), "config": job.to_dict(),
+    }
+    subnet_uri = f"{run_uri.rstrip('/')}/subnet"
+    if rank == 0:
+        save_child(child.cpu(), subnet_uri, meta=meta, storage_options=job.storage.options)
+        print(f"[raydsnas] child network written to {subnet_uri}: top-1 {meta['top1']:.4f}, "
+              f"top-5 {meta['top5']:.4f}, {meta['flops'] / 1e6:.2f}M FLOPs, "
+              f"{meta['params'] / 1e6:.3f}M params", flush=True)
+    return {**accuracy, "subnet_uri": subnet_uri, "child_flops": meta["flops"],
+            "child_params": meta["params"], "worker_hours": meta["worker_hours"]}
+
+
+def report_with_checkpoint(metrics: dict, strategy: DSNAS, rank: int, epoch: int,
+                           elapsed_s: float, worker_s: float, history: list) -> None:
+    """Checkpoint (rank 0 writes, every rank reports): everything to continue exactly."""
+    if rank != 0:
+        ray.train.report(metrics, checkpoint_dir_name=f"epoch_{epoch:06d}")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({"strategy": strategy.state_dict(), "epoch": epoch, "elapsed_s": elapsed_s,
+                    "worker_s": worker_s, "torch_rng": torch.get_rng_state(),
+                    "history": json.dumps(history)}, os.path.join(folder, STATE_FILE))
+        with open(os.path.join(folder, META_FILE), "w") as f:
+            json.dump({"epoch": epoch, "step": strategy.step_count}, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"epoch_{epoch:06d}")
+
+
+def check_ranks_agree(strategy: DSNAS, collective: Collective) -> None:
+    """Fail loudly (on every rank) if any rank's alpha or frozen set differs from rank 0's."""
+    if collective.world_size == 1:
+        return
+    frozen = torch.full((strategy.space.num_layers,), -1.0)
+    for layer, choice in strategy.frozen.items():
+        frozen[layer] = choice
+    mine = torch.cat([strategy.alpha_matrix().reshape(-1).double(), frozen.double()])
+    device = strategy.device
+    reference = mine.clone().to(device)
+    collective.broadcast(reference, src=0)
+    differs = torch.tensor([float(not torch.equal(reference.cpu(), mine))], device=device)
+    collective.all_reduce_sum(differs)
+    if float(differs) > 0:
+        raise RanksDivergedError(
+            f"{int(float(differs))} rank(s) disagree with rank 0 on alpha or the frozen layers "
+            f"after step {strategy.step_count} (rank {collective.rank}: frozen {strategy.frozen})")
+
+
+class Batches:
+    """The worker's batches: its Ray Data shard (or the synthetic task), normalised on device,
+    with every rank taking exactly the same number of steps."""
+
+    def __init__(self, job: JobConfig, config: dict, rank: int, world: int, per_worker: int,
+                 steps_per_epoch: int, device: torch.device, channels_last: bool):
+        self.job, self.rank, self.world = job, rank, world
+        self.per_worker, self.steps = per_worker, steps_per_epoch
+        self.device, self.channels_last = device, channels_last
+        self.synthetic = None
+        if job.data.uri.startswith(SYNTHETIC):
+            self.synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed)
+
+    def _prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = normalize(batch["image"], self.device, channels_last=self.channels_last)
+        return images, batch["label"].to(self.device, non_blocking=True)
+
+    def train(self, epoch: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of one epoch (`limit`: only the first few, e.g. for BN
+        recalibration after the last epoch)."""
+        steps = min(self.steps, limit or self.steps)
+        if self.synthetic is not None:
+            source = self.synthetic.train_batches(epoch, self.rank, self.world,
+                                                  self.per_worker * self.world, steps)
+        else:
+            source = iter_train_batches(ray.train.get_dataset_shard("train"), self.job.data,
+                                        epoch=epoch, batch_size=self.per_worker, rank=self.rank)
+        collective = default_collective()
+        for _ in range(steps):
+            batch = next(source, None)
+            # Every rank must take the same number of steps (each ends in an all-reduce).
+            have = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
+            collective.all_reduce_sum(have)
+            if int(have.item()) < self.world:
+                if self.rank == 0:
+                    print(f"[raydsnas] epoch {epoch + 1}: a rank ran out of data early; "
+                          "ending the epoch on every rank", flush=True)
+                return
+            yield self._prepare(batch)
+        if limit is None:
+            for _ in source:  # finish the shard's epoch so the next one starts cleanly
+                pass
+
+    def evaluate(self, forward, collective: Collective, prefix: str = "val") -> dict[str, float]:
+        """Top-1/top-5 of `forward` over this rank's validation shard, summed over ranks."""
+        if self.synthetic is not None:
+            source = self.synthetic.val_batches(self.rank, self.world, self.per_worker)
+        else:
+            source = ray.train.get_dataset_shard("val").iter_torch_batches(
+                batch_size=self.per_worker, drop_last=False, device="cpu")
+        sums = torch.zeros(4, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in source:
+                images, labels = self._prepare(batch)
+                sums += accuracy_sums(forward(images), labels)
+        sums = sums.to(self.device)
+        collective.all_reduce_sum(sums)
+        acc = accuracy_from_sums(sums.cpu())
+        return {f"{prefix}_top1": acc.top1, f"{prefix}_top5": acc.top5,
+                f"{prefix}_loss": acc.loss, f"{prefix}_samples": acc.count}

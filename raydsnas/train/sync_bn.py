@@ -1,0 +1,76 @@
+"""BatchNorm with statistics over the global batch, on any backend (gloo on CPU, NCCL on GPU).
+
+torch's `SyncBatchNorm` runs on GPUs only. This one is plain autograd over
+`torch.distributed.nn.functional.all_reduce` (whose backward is an all-reduce too), so it works
+wherever a process group does. With it, W workers x batch B/W compute exactly what one worker
+computes with batch B.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn.functional import all_reduce
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose training-mode statistics are those of the global batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        xf = x.float()
+        # One all-reduce for [sum, sum of squares, count] per channel.
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else (
+                    1.0 / float(self.num_batches_tracked))
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased.detach())
+        out = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return out.to(x.dtype)
+
+
+def use_global_batch_norm(module: nn.Module) -> int:
+    """Switch every `nn.BatchNorm2d` in `module` to `GlobalBatchNorm2d` in place (same
+    parameters and buffers, so optimisers and state dicts are unaffected); returns the count."""
+    switched = 0
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+            switched += 1
+    return switched
+
+
+def average_bn_buffers(module: nn.Module, collective) -> None:
+    """Average BatchNorm running statistics over ranks, so that every rank (and the checkpoint
+    rank 0 writes) holds the same, better-estimated statistics."""
+    if collective.world_size == 1:
+        return
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var) if b is not None]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    collective.all_reduce_sum(flat)
+    flat /= collective.world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+__all__ = ["GlobalBatchNorm2d", "average_bn_buffers", "use_global_batch_norm"]
