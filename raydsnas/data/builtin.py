@@ -44,7 +44,7 @@ def write_digits_folders(train_dir: Path, val_dir: Path) -> None:
 
     digits = load_digits()
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    for position, (image, label) in enumerate(zip(pixels, digits.target)):
+    for position, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
         folder = (train_dir if position < DIGITS_TRAIN_SAMPLES else val_dir) / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{position:04d}.png")

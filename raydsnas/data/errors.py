@@ -7,7 +7,7 @@ class DataError(Exception):
 
 
 class DataSpecError(DataError, ValueError):
-    """A data configuration value is invalid (the message names the key, the value and what is allowed)."""
+    """A data configuration value is invalid (the message names key, value and what is allowed)."""
 
 
 class StorageError(DataError):

@@ -1,5 +1,6 @@
 """The shard format: Parquet files of `{image: binary, label: int64, key: string}` rows plus one
-`_manifest.json` that lists them. Written by `raydsnas.data.shard`, read by `raydsnas.data.pipeline`.
+`_manifest.json` that lists them. Written by `raydsnas.data.shard`, read by
+`raydsnas.data.pipeline`.
 
 Layout at a shard-set root `DST`:
 
@@ -29,9 +30,7 @@ from raydsnas.data.storage import join_path, read_bytes, write_bytes_atomic
 FORMAT_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
 SPLITS = ("train", "val")
-SHARD_SCHEMA = pa.schema(
-    [("image", pa.binary()), ("label", pa.int64()), ("key", pa.string())]
-)
+SHARD_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("key", pa.string())])
 PLAN_DIGEST_METADATA_KEY = b"raydsnas.plan_digest"
 SHARD_INDEX_METADATA_KEY = b"raydsnas.shard_index"
 FOOTER_CHECK_THREADS = 16  # footer reads are latency-bound on object stores
@@ -103,7 +102,8 @@ class Manifest:
             if version != FORMAT_VERSION:
                 raise ShardFormatError(
                     f"{where}: format_version {version} is not supported (this raydsnas reads "
-                    f"version {FORMAT_VERSION}); rewrite the shards with python -m raydsnas.data.shard"
+                    f"version {FORMAT_VERSION}); rewrite the shards with "
+                    "python -m raydsnas.data.shard"
                 )
             splits = {
                 name: SplitInfo(
@@ -193,9 +193,7 @@ def shard_is_complete(
     )
 
 
-def verify_shards(
-    fs: pafs.FileSystem, root: str, uri: str, manifest: Manifest, split: str
-) -> None:
+def verify_shards(fs: pafs.FileSystem, root: str, uri: str, manifest: Manifest, split: str) -> None:
     """Check every shard the manifest lists for `split` before a pipeline starts: it exists, has
     the shard schema, the manifest's row count and plan digest, and (from the Parquet statistics)
     labels inside [0, num_classes). Raises `ShardFormatError` naming the shard."""
@@ -212,7 +210,9 @@ def verify_shards(
                 "to complete the set"
             ) from None
         except pa.ArrowInvalid as error:
-            raise ShardFormatError(f"shard {where} is not a readable Parquet file: {error}") from None
+            raise ShardFormatError(
+                f"shard {where} is not a readable Parquet file: {error}"
+            ) from None
         check_schema(footer.schema.to_arrow_schema(), where)
         if footer.num_rows != entry.rows:
             raise ShardFormatError(

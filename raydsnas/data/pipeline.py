@@ -91,8 +91,14 @@ class DataSpec:
 
         if not isinstance(self.uri, str) or not self.uri.strip():
             fail("uri", "must be a local path, s3://bucket/prefix or builtin:<name>")
-        if self.uri.startswith(BUILTIN_PREFIX) and self.uri[len(BUILTIN_PREFIX) :] not in BUILTIN_SETS:
-            fail("uri", f"unknown built-in data set; known: {[BUILTIN_PREFIX + n for n in BUILTIN_SETS]}")
+        if (
+            self.uri.startswith(BUILTIN_PREFIX)
+            and self.uri[len(BUILTIN_PREFIX) :] not in BUILTIN_SETS
+        ):
+            fail(
+                "uri",
+                f"unknown built-in data set; known: {[BUILTIN_PREFIX + n for n in BUILTIN_SETS]}",
+            )
         if not is_int(self.image_size) or not 4 <= self.image_size <= 4096:
             fail("image_size", "must be an integer from 4 to 4096")
         if not isinstance(self.storage_options, Mapping) or not all(
@@ -217,7 +223,9 @@ class RandomResizedCropFlip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image
 
-    def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    def crop_box(
+        self, width: int, height: int, rng: np.random.Generator
+    ) -> tuple[int, int, int, int]:
         area = width * height
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -257,8 +265,8 @@ class ResizeCenterCrop:
                 width, height = int(short * width / height), short
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         if (width, height) != (self.size, self.size):
-            left = int(round((width - self.size) / 2))
-            top = int(round((height - self.size) / 2))
+            left = round((width - self.size) / 2)
+            top = round((height - self.size) / 2)
             image = image.crop((left, top, left + self.size, top + self.size))
         return image
 
@@ -359,7 +367,8 @@ def build_datasets(spec: DataSpec, *, start_epoch: int = 0) -> DataSets:
     if not ray.is_initialized():
         ray.init()  # what Ray Data would do on first use; the node address below needs it now
     skipped = SkippedImages() if spec.skip_corrupt else None
-    common = dict(
+    split_dataset = partial(
+        _split_dataset,
         fs=fs,
         root=root,
         uri=uri,
@@ -369,14 +378,15 @@ def build_datasets(spec: DataSpec, *, start_epoch: int = 0) -> DataSets:
         # The built-in cache exists on the driver's node only: read it there.
         driver_node_only=spec.uri.startswith(BUILTIN_PREFIX),
     )
-    train = _split_dataset(
+    train = split_dataset(
         split="train",
-        transform=RandomResizedCropFlip(spec.image_size, spec.crop_scale, spec.crop_ratio, spec.hflip),
-        **common,
+        transform=RandomResizedCropFlip(
+            spec.image_size, spec.crop_scale, spec.crop_ratio, spec.hflip
+        ),
     )
     train.context._execution_idx = start_epoch  # the counter `decode_batch` reads as the epoch
-    val = _split_dataset(
-        split="val", transform=ResizeCenterCrop(spec.image_size, spec.val_crop_ratio), **common
+    val = split_dataset(
+        split="val", transform=ResizeCenterCrop(spec.image_size, spec.val_crop_ratio)
     )
     return DataSets(train, val, manifest, skipped)
 
@@ -406,7 +416,9 @@ def _split_dataset(
         paths,
         filesystem=fs,
         include_paths=True,
-        shuffle=FileShuffleConfig(seed=spec.seed, reseed_after_execution=True) if training else None,
+        shuffle=FileShuffleConfig(seed=spec.seed, reseed_after_execution=True)
+        if training
+        else None,
         partitioning=None,  # "key=value" folders in a user's prefix are not columns
         resources=read_on_this_node,
     )
@@ -418,7 +430,7 @@ def _split_dataset(
             training=training,
             num_classes=manifest.num_classes,
             seed=spec.seed,
-            shard_uri_of={path: f"{uri}/{rel}" for path, rel in zip(paths, relative)},
+            shard_uri_of={path: f"{uri}/{rel}" for path, rel in zip(paths, relative, strict=True)},
             skipped=skipped,
             keep_keys=spec.keep_keys,
         ),
@@ -454,7 +466,9 @@ def iter_train_batches(
             drop_last=drop_last,
             prefetch_batches=prefetch_batches,
             local_shuffle_buffer_size=spec.shuffle_buffer or None,
-            local_shuffle_seed=local_shuffle_seed(spec.seed, epoch, rank) if spec.shuffle_buffer else None,
+            local_shuffle_seed=local_shuffle_seed(spec.seed, epoch, rank)
+            if spec.shuffle_buffer
+            else None,
             device="cpu",
         )
     )

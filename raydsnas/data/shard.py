@@ -3,7 +3,8 @@
     python -m raydsnas.data.shard SRC DST [--shard-size N] [--val-src VAL_SRC | --val-fraction F]
 
 `SRC/<class>/<image>` (JPEG/PNG; class index = position in the sorted class names) becomes
-`DST/train/part-NNNNN.parquet` rows `{image: the original file bytes, label, key: "<class>/<file>"}`.
+`DST/train/part-NNNNN.parquet` rows `{image: the original file bytes, label,
+key: "<class>/<file>"}`.
 A validation split comes from a second folder with the same classes (`--val-src`, e.g. ImageNet's
 val folder) or from a fixed, per-class fraction of SRC (`--val-fraction`). Samples are spread over
 the shards in a seeded random order, so every shard holds a mix of classes and a reader's file
@@ -132,7 +133,9 @@ def plan_shards(
         order = np.random.default_rng([seed, split_number]).permutation(len(files))
         shuffled = [files[i] for i in order]
         for index, start in enumerate(range(0, len(shuffled), shard_size)):
-            plans.append(ShardPlan(split, index, source, tuple(shuffled[start : start + shard_size])))
+            plans.append(
+                ShardPlan(split, index, source, tuple(shuffled[start : start + shard_size]))
+            )
     digest = hashlib.sha256(f"raydsnas-shards-v{FORMAT_VERSION}".encode())
     for plan in plans:
         rows = [[f.key, f.label] for f in plan.files]
@@ -161,7 +164,9 @@ def write_shards(
     if not isinstance(shard_size, int) or shard_size < 1:
         raise SourceFolderError(f"shard size {shard_size!r}: must be a positive integer")
     if val_src is not None and val_fraction:
-        raise SourceFolderError("give either a validation folder or a validation fraction, not both")
+        raise SourceFolderError(
+            "give either a validation folder or a validation fraction, not both"
+        )
     if not 0.0 <= val_fraction < 1.0:
         raise SourceFolderError(f"validation fraction {val_fraction!r}: must be in [0, 1)")
     if src_storage_options is None and _same_kind(src, dst):
@@ -325,16 +330,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("src", help="image folder: SRC/<class>/<image>.jpg|png")
     parser.add_argument("dst", help="shard-set location: a local path or s3://bucket/prefix")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                        help="rows per shard (default %(default)s)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help="rows per shard (default %(default)s)",
+    )
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--val-src", help="validation folder with the same classes")
-    split.add_argument("--val-fraction", type=float, default=0.0,
-                       help="hold out this fraction of each class of SRC for validation")
+    split.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of each class of SRC for validation",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the shard order")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="S3 option for DST (and an S3 SRC), e.g. endpoint_url=http://host:9000; "
-                        "repeatable. Credentials come from the AWS_* environment")
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="S3 option for DST (and an S3 SRC), e.g. endpoint_url=http://host:9000; "
+        "repeatable. Credentials come from the AWS_* environment",
+    )
     args = parser.parse_args(argv)
     options: dict[str, Any] = {}
     for item in args.storage_option:

@@ -50,7 +50,9 @@ S3_OPTION_KEYS = (
     "connect_timeout",
     "request_timeout",
 )
-SECRET_OPTION_KEYS = frozenset({"secret_access_key", "session_token", "password", "token", "secret"})
+SECRET_OPTION_KEYS = frozenset(
+    {"secret_access_key", "session_token", "password", "token", "secret"}
+)
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
@@ -164,8 +166,10 @@ def _s3_filesystem(
             )
         kwargs.update(endpoint_override=endpoint_parts.netloc, scheme=endpoint_parts.scheme)
 
-    region = options.get("region") or os.environ.get("AWS_REGION") or os.environ.get(
-        "AWS_DEFAULT_REGION"
+    region = (
+        options.get("region")
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
     )
     if not region:
         region = "us-east-1" if endpoint else _bucket_region(bucket)
@@ -202,12 +206,13 @@ def _require_default_credentials(uri: str) -> None:
     sent and fail (or hang on instance-metadata lookups) far away in a Ray task."""
     try:
         import botocore.session
+        from botocore.exceptions import BotoCoreError
     except ImportError:  # botocore comes with s3fs; without it we cannot look, so do not block
         return
     session = botocore.session.Session(profile=os.environ.get("AWS_PROFILE") or None)
     try:
         credentials = session.get_credentials()
-    except Exception as error:  # a broken profile file, an unknown AWS_PROFILE, ...
+    except (BotoCoreError, OSError, ValueError) as error:  # broken profile file, unknown profile
         raise MissingCredentialsError(
             f"cannot load AWS credentials for {uri}: {type(error).__name__}: {error}"
         ) from None
@@ -215,7 +220,8 @@ def _require_default_credentials(uri: str) -> None:
         raise MissingCredentialsError(
             f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE, or an instance/container role), give storage_options "
-            "access_key_id/secret_access_key, or storage_options anonymous: true for a public bucket"
+            "access_key_id/secret_access_key, or storage_options anonymous: true for a public "
+            "bucket"
         )
 
 
@@ -240,12 +246,19 @@ def storage_errors(uri: str, storage_options: Mapping[str, Any] | None = None) -
     except OSError as error:
         message = str(error)
         where = uri
-        endpoint = s3_endpoint_url(storage_options) if urlsplit(uri).scheme.startswith("s3") else None
+        endpoint = (
+            s3_endpoint_url(storage_options) if urlsplit(uri).scheme.startswith("s3") else None
+        )
         if endpoint:
             where = f"{uri} (endpoint {endpoint})"
         if any(
             marker in message
-            for marker in ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Connection refused")
+            for marker in (
+                "NETWORK_CONNECTION",
+                "curlCode",
+                "Could not connect",
+                "Connection refused",
+            )
         ):
             raise EndpointUnreachableError(
                 f"cannot reach the object store for {where}: {message}. Check "
@@ -253,12 +266,19 @@ def storage_errors(uri: str, storage_options: Mapping[str, Any] | None = None) -
             ) from None
         if any(
             marker in message
-            for marker in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId",
-                           "SignatureDoesNotMatch", "response code 403", "Forbidden")
+            for marker in (
+                "ACCESS_DENIED",
+                "AccessDenied",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "response code 403",
+                "Forbidden",
+            )
         ):
             raise AccessDeniedError(
                 f"access denied to {where}: {message}. Check the credentials "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options) and the bucket policy."
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options) and the bucket "
+                "policy."
             ) from None
         raise StorageError(f"storage error on {where}: {message}") from error
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +32,12 @@ from raydsnas.train.sync_bn import average_bn_buffers, use_global_batch_norm
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+
+
+def say(message: str) -> None:
+    """One progress line on the worker's real stdout (Ray forwards it to the driver once;
+    Train's patched `print` would also log it, and the driver would show it twice)."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 class RanksDivergedError(RuntimeError):
@@ -81,8 +88,8 @@ def train_func(config: dict[str, Any]) -> None:
         start_epoch, elapsed_s = state["epoch"], state["elapsed_s"]
         worker_s, history = state["worker_s"], json.loads(state["history"])
         if rank == 0:
-            print(f"[raydsnas] resumed from epoch {start_epoch} (step {strategy.step_count}), "
-                  f"world size {world}, per-worker batch {per_worker}, lr {lr:g}", flush=True)
+            say(f"[raydsnas] resumed from epoch {start_epoch} (step {strategy.step_count}), "
+                  f"world size {world}, per-worker batch {per_worker}, lr {lr:g}")
     data = Batches(job, config, rank, world, per_worker, steps_per_epoch, device,
                    strategy.channels_last)
     events = EventLog(rank == 0, fs, join_path(run_root, "events"))
@@ -98,10 +105,10 @@ def train_func(config: dict[str, Any]) -> None:
             seen += stats.batch_size
             if rank == 0 and (i + 1) % job.search.log_every == 0:
                 rate = seen * world / (time.perf_counter() - t0)
-                print(f"[raydsnas] epoch {epoch + 1}/{total_epochs} step {i + 1}/{steps_per_epoch}"
+                say(f"[raydsnas] epoch {epoch + 1}/{total_epochs} step {i + 1}/{steps_per_epoch}"
                       f" loss {float(stats.loss):.4f} acc {float(stats.correct) / stats.batch_size:.3f}"
                       f" entropy {stats.entropy:.3f} frozen {stats.num_frozen}/{space.num_layers}"
-                      f" E[FLOPs] {stats.expected_flops / 1e6:.2f}M {rate:.0f} img/s", flush=True)
+                      f" E[FLOPs] {stats.expected_flops / 1e6:.2f}M {rate:.0f} img/s")
         epoch_s = time.perf_counter() - t0
         elapsed_s += epoch_s
         worker_s += epoch_s * world
@@ -129,9 +136,9 @@ def train_func(config: dict[str, Any]) -> None:
         events.arch(strategy.step_count, strategy.probs(), strategy.frozen)
         events.sync()
         if rank == 0:
-            print(f"[raydsnas] epoch {epoch + 1}/{total_epochs} done: "
+            say(f"[raydsnas] epoch {epoch + 1}/{total_epochs} done: "
                   + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in metrics.items()), flush=True)
+                             for k, v in metrics.items()))
 
         if last:
             metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
@@ -169,9 +176,9 @@ def export_result(job: JobConfig, strategy: DSNAS, data: Batches, collective: Co
     subnet_uri = f"{run_uri.rstrip('/')}/subnet"
     if rank == 0:
         save_child(child.cpu(), subnet_uri, meta=meta, storage_options=job.storage.options)
-        print(f"[raydsnas] child network written to {subnet_uri}: top-1 {meta['top1']:.4f}, "
+        say(f"[raydsnas] child network written to {subnet_uri}: top-1 {meta['top1']:.4f}, "
               f"top-5 {meta['top5']:.4f}, {meta['flops'] / 1e6:.2f}M FLOPs, "
-              f"{meta['params'] / 1e6:.3f}M params", flush=True)
+              f"{meta['params'] / 1e6:.3f}M params")
     return {**accuracy, "subnet_uri": subnet_uri, "child_flops": meta["flops"],
             "child_params": meta["params"], "worker_hours": meta["worker_hours"]}
 
@@ -246,8 +253,8 @@ class Batches:
             collective.all_reduce_sum(have)
             if int(have.item()) < self.world:
                 if self.rank == 0:
-                    print(f"[raydsnas] epoch {epoch + 1}: a rank ran out of data early; "
-                          "ending the epoch on every rank", flush=True)
+                    say(f"[raydsnas] epoch {epoch + 1}: a rank ran out of data early; "
+                          "ending the epoch on every rank")
                 return
             yield self._prepare(batch)
         if limit is None:

@@ -1,0 +1,210 @@
+"""The search job on a real local Ray: data-parallel equivalence, both sampling policies, resume
+after the driver is killed, recovery from a killed worker, and elastic resizing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from raydsnas import load_child
+from raydsnas.config import load_config
+from raydsnas.train.launcher import run_search
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_sets(storage: Path, name: str, **extra) -> list[str]:
+    sets = {
+        "name": name, "storage": str(storage),
+        "data.uri": "synthetic:4/256/64", "data.image_size": 16,
+        "space.preset": "cifar", "space.input_size": 16, "space.width_mult": 0.25,
+        "space.stage_repeats": "[1,1,2,1]",
+        "search.epochs": 2, "search.global_batch_size": 32, "search.lr": 0.05,
+        "search.lr_reference_batch": 32, "search.alpha_lr": 0.05, "search.h": 0.15,
+        "search.freeze_check_every": 3, "search.max_steps_per_epoch": 4,
+        "search.warmup_epochs": 0, "search.bn_recalibration_batches": 2, "search.log_every": 100,
+        "scaling.num_workers": 1, "scaling.cpus_per_worker": 1, "scaling.max_failures": 0,
+    }
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def final_state(run_dir: Path) -> dict:
+    latest = sorted(run_dir.glob("epoch_*"))[-1]
+    return torch.load(latest / "state.pt", weights_only=True)
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, **kw):
+    env = {**os.environ, "RAY_ADDRESS": "", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "raydsnas.search", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_two_workers_shared_policy_equal_one_worker_with_the_whole_batch(ray_local, tmp_path):
+    one = run_search(load_config(None, synthetic_sets(tmp_path, "one")))
+    two = run_search(load_config(None, synthetic_sets(
+        tmp_path, "two", **{"scaling.num_workers": 2, "scaling.sync_bn": "true"})))
+    a, b = final_state(tmp_path / "one")["strategy"], final_state(tmp_path / "two")["strategy"]
+    assert a["step"] == b["step"] == 8
+    assert a["frozen"] == b["frozen"]
+    torch.testing.assert_close(b["alpha"], a["alpha"], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a["alpha"], torch.zeros_like(a["alpha"]))
+    for key, value in a["supernet"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(b["supernet"][key], value, rtol=1e-3, atol=1e-4,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+    assert one.record["arch"] == two.record["arch"]
+    child = load_child(two.subnet_uri)
+    assert child.meta["meta"]["flops"] == child.space.flops(child.arch)
+
+
+@pytest.mark.slow
+def test_per_rank_policy_runs_with_ranks_in_sync(ray_local, tmp_path):
+    # Ranks are checked against each other every epoch; a divergence would fail the run.
+    outcome = run_search(load_config(None, synthetic_sets(
+        tmp_path, "per-rank", **{"scaling.num_workers": 2, "search.sampling": "per_rank"})))
+    state = final_state(tmp_path / "per-rank")["strategy"]
+    assert state["step"] == 8
+    assert outcome.record["meta"]["top1"] >= 0
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_path):
+    extra = {"search.epochs": 4, "search.sampling": "shared", "data.uri": "builtin:digits",
+             "data.preserve_order": "true", "data.image_size": 16, "search.max_steps_per_epoch": 3,
+             "search.global_batch_size": 32, "space.num_classes": "auto"}
+    env = {"RAYDSNAS_CACHE": str(tmp_path / "cache")}
+    reference = run_cli(synthetic_sets(tmp_path / "a", "run", **extra), tmp_path, env)
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out[-3000:]
+
+    interrupted = run_cli(synthetic_sets(tmp_path / "b", "run", **extra), tmp_path, env)
+    deadline = time.time() + 600
+    while not (tmp_path / "b" / "run" / "epoch_000002" / "state.pt").exists():
+        assert interrupted.poll() is None and time.time() < deadline, interrupted.stdout.read()
+        time.sleep(0.2)
+    os.killpg(interrupted.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    interrupted.wait(timeout=60)
+    assert not (tmp_path / "b" / "run" / "subnet").exists()
+
+    resumed = run_cli(synthetic_sets(tmp_path / "b", "run", **extra), tmp_path, env)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed from epoch 2" in out or "resumed from epoch 3" in out
+    a = final_state(tmp_path / "a" / "run")["strategy"]
+    b = final_state(tmp_path / "b" / "run")["strategy"]
+    assert a["step"] == b["step"] == 12
+    torch.testing.assert_close(b["alpha"], a["alpha"], rtol=1e-5, atol=1e-6)
+    assert a["frozen"] == b["frozen"]
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::RayTrainWorker"):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_the_run_completes(ray_local, tmp_path):
+    job = load_config(None, synthetic_sets(tmp_path, "ft", **{
+        "search.epochs": 5, "scaling.max_failures": 2, "scaling.num_workers": 2}))
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (tmp_path / "ft" / "epoch_000001" / "state.pt").exists():
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
+    killer.start()
+    outcome = run_search(job)
+    killer.join()
+    assert killed, "the test never found a worker to kill"
+    assert killed[0] not in _train_worker_pids()
+    state = final_state(tmp_path / "ft")
+    assert state["epoch"] == 5 and state["strategy"]["step"] == 20
+    assert load_child(outcome.subnet_uri).arch == outcome.record["arch"]
+
+
+def _history(run_dir: Path) -> list[dict]:
+    for latest in sorted(run_dir.glob("epoch_*"), reverse=True):
+        try:
+            return json.loads(torch.load(latest / "state.pt", weights_only=True)["history"])
+        except (OSError, RuntimeError, EOFError):  # being written or rotated away
+            continue
+    return []
+
+
+@pytest.mark.slow
+def test_elastic_run_grows_and_shrinks_with_the_cluster(tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # inherited by the cluster's workers
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    proc = None
+    try:
+        run_dir = tmp_path / "elastic"
+        proc = run_cli(synthetic_sets(tmp_path, "elastic", **{
+            "scaling.num_workers": "[1,2]", "scaling.elastic_resize_interval_s": 2,
+            "scaling.max_failures": 6, "search.epochs": 40}),
+            tmp_path, {"RAY_ADDRESS": cluster.address})
+
+        def wait_for(condition, what):
+            deadline = time.time() + 300
+            while not condition():
+                assert proc.poll() is None, f"run ended while waiting for {what}: " + proc.stdout.read()[-3000:]
+                assert time.time() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.5)
+
+        wait_for(lambda: len(_history(run_dir)) >= 2, "two epochs")
+        extra = cluster.add_node(num_cpus=1)
+        wait_for(lambda: any(h["world_size"] == 2 for h in _history(run_dir)), "a 2-worker epoch")
+        cluster.remove_node(extra)
+        wait_for(lambda: _history(run_dir)[-1]["world_size"] == 1
+                 and any(h["world_size"] == 2 for h in _history(run_dir)), "shrinking back")
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        cluster.shutdown()
+    sizes = [h["world_size"] for h in _history(run_dir)]
+    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1
+    assert [h["epoch"] for h in _history(run_dir)] == list(range(1, 41))
+    assert (run_dir / "subnet" / "arch.json").exists()
+
+
+@pytest.mark.slow
+def test_default_run_with_no_arguments_writes_an_accurate_child(tmp_path):
+    proc = run_cli([], tmp_path, {"RAYDSNAS_CACHE": str(tmp_path / "cache")})
+    out, _ = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, out[-3000:]
+    subnet = tmp_path / "runs" / "dsnas-digits" / "subnet"
+    assert f"child network: {subnet}" in out
+    child = load_child(str(subnet))
+    top1 = child.meta["meta"]["top1"]
+    assert top1 > 0.6  # 10 classes: chance is 0.1
+    assert (tmp_path / "runs" / "dsnas-digits" / "events").is_dir()
