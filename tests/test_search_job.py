@@ -57,11 +57,14 @@ def test_two_workers_shared_policy_equal_one_worker_with_the_whole_batch(ray_loc
     a, b = final_state(tmp_path / "one")["strategy"], final_state(tmp_path / "two")["strategy"]
     assert a["step"] == b["step"] == 8
     assert a["frozen"] == b["frozen"]
-    torch.testing.assert_close(b["alpha"], a["alpha"], rtol=1e-4, atol=1e-5)
-    assert not torch.equal(a["alpha"], torch.zeros_like(a["alpha"]))
+    # Adam divides each alpha gradient by its magnitude, so where a layer's credit is ~1e-7
+    # (BN-shielded layers) float reduction order moves alpha by a fraction of one Adam step
+    # (alpha_lr 0.05). The weights, updated by SGD, agree far more tightly.
+    assert (b["alpha"] - a["alpha"]).abs().max() < 0.2 * 0.05
+    assert (a["alpha"] - a["alpha"].mean()).abs().max() > 0.05  # alpha really moved
     for key, value in a["supernet"].items():
-        if value.is_floating_point():
-            torch.testing.assert_close(b["supernet"][key], value, rtol=1e-3, atol=1e-4,
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(b["supernet"][key], value, rtol=1e-4, atol=1e-5,
                                        msg=lambda m, key=key: f"{key}: {m}")
     assert one.record["arch"] == two.record["arch"]
     child = load_child(two.subnet_uri)

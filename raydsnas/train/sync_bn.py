@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+from torch.distributed.nn.functional import all_reduce  # differentiable: backward all-reduces
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -21,15 +21,16 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = (0, 2, 3)
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
-        xf = x.float()
-        # One all-reduce for [sum, sum of squares, count] per channel.
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = all_reduce(stats)
         c = x.shape[1]
+        count = torch.tensor([x.numel() / c], device=x.device, dtype=torch.float32)
+        xf = x.float()
+        # Two passes (mean, then squared deviations) as local BN does: the one-pass
+        # E[x^2] - E[x]^2 cancels badly and sends ranks off a single worker's trajectory.
+        stats = all_reduce(torch.cat([xf.sum(dims), count]))
         n = stats[-1]
         mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        centered = xf - mean.view(1, c, 1, 1)
+        var = all_reduce((centered * centered).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -38,7 +39,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 unbiased = var * n / (n - 1).clamp_min(1)
                 self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
                 self.running_var.mul_(1 - momentum).add_(momentum * unbiased.detach())
-        out = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
+        out = centered * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
         if self.affine:
             out = out * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
         return out.to(x.dtype)
