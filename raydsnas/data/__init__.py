@@ -82,10 +82,12 @@ operator. The knobs, from most to least useful:
 - `object_store_limit_bytes` (DataSpec) -> `ExecutionOptions.resource_limits.object_store_memory`:
   the object-store memory the pipeline may fill with decoded batches. Under Ray Train pass
   `DataConfig(execution_options=execution_options(spec))`, since Train replaces the options.
-- `DataContext.get_current().target_max_block_size` (default 128 MiB): the largest block; shards
-  are written in row groups of 128 rows so a read block stays small.
-- `decode_batch_size` (DataSpec): rows per decode call, i.e. the size of one decoded block
-  (64 x 3 x 224 x 224 uint8 = 9.6 MB).
+- `target_block_bytes` (DataSpec, default 8 MiB): the largest block the read and decode steps
+  emit (Ray's `target_max_block_size`, set per dataset). Ray Data packs up to 128 MiB of shards
+  into one read task; smaller blocks are what spreads decoding over the CPUs and bounds the
+  memory of one task. Shards are written in row groups of 128 rows, so blocks can be cut small.
+- `decode_batch_size` (DataSpec, default 64): rows per decode call (64 x 3 x 224 x 224 uint8 =
+  9.6 MB of output).
 - `shuffle_buffer` (DataSpec) and `prefetch_batches` (`iter_train_batches`): rows held in each
   training worker.
 - The object store itself: `ray start --object-store-memory`; excess spills to disk.

@@ -26,8 +26,11 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
     validation transform with val_crop_ratio=1 returns them unchanged."""
 
     def make(
-        name: str = "src", classes: tuple[str, ...] = ("cat", "dog", "emu"), per_class: int = 5,
-        size: int = 16, seed: int = 0,
+        name: str = "src",
+        classes: tuple[str, ...] = ("cat", "dog", "emu"),
+        per_class: int = 5,
+        size: int = 16,
+        seed: int = 0,
     ) -> Path:
         rng = np.random.default_rng(seed)
         root = tmp_path / name

@@ -40,10 +40,14 @@ def test_undecodable_image_fails_naming_shard_and_key(ray_local, make_image_fold
         val.take_all()
     message = str(failure.value)
     assert CorruptImageError.__name__ in message
-    assert f"{dst}/val/part-0000" in message and f"key {bad_key}: cannot decode the image" in message
+    assert (
+        f"{dst}/val/part-0000" in message and f"key {bad_key}: cannot decode the image" in message
+    )
 
 
-def test_undecodable_image_is_skipped_and_counted_when_asked(ray_local, make_image_folder, tmp_path):
+def test_undecodable_image_is_skipped_and_counted_when_asked(
+    ray_local, make_image_folder, tmp_path
+):
     dst, bad_key = shard_set_with_corrupt_image(make_image_folder, tmp_path)
     data = build_datasets(DataSpec(uri=str(dst), image_size=16, skip_corrupt=True, keep_keys=True))
     keys = [str(row["key"]) for row in data.val.take_all()]
@@ -61,17 +65,26 @@ def rewrite_shard(path: Path, transform) -> None:
     """Replace a shard by `transform(table)`, keeping its footer metadata (plan digest)."""
     table = pq.read_table(path)
     new_table, statistics = transform(table)
-    pq.write_table(new_table.replace_schema_metadata(table.schema.metadata), path,
-                   write_statistics=statistics)
+    pq.write_table(
+        new_table.replace_schema_metadata(table.schema.metadata), path, write_statistics=statistics
+    )
 
 
-def test_label_out_of_range_fails_before_reading_naming_the_shard(ray_local, make_image_folder, tmp_path):
+def test_label_out_of_range_fails_before_reading_naming_the_shard(
+    ray_local, make_image_folder, tmp_path
+):
     src = make_image_folder(per_class=2)
     dst = tmp_path / "labels"
     write_shards(str(src), str(dst), shard_size=4, val_src=str(src), use_ray=False)
     shard = dst / "train" / "part-00001.parquet"
-    rewrite_shard(shard, lambda t: (t.set_column(1, "label", pa.array([7] * t.num_rows, pa.int64())), True))
-    with pytest.raises(LabelOutOfRangeError, match=rf"shard {dst}/train/part-00001.parquet holds labels in \[7, 7\] but the manifest has 3 classes"):
+    rewrite_shard(
+        shard, lambda t: (t.set_column(1, "label", pa.array([7] * t.num_rows, pa.int64())), True)
+    )
+    with pytest.raises(
+        LabelOutOfRangeError,
+        match=rf"shard {dst}/train/part-00001.parquet holds labels in \[7, 7\] "
+        r"but the manifest has 3 classes",
+    ):
         build_datasets(DataSpec(uri=str(dst), image_size=16))
 
 
@@ -83,21 +96,42 @@ def test_label_out_of_range_without_statistics_fails_in_decoding_naming_the_key(
     write_shards(str(src), str(dst), shard_size=4, val_src=str(src), use_ray=False)
     shard = dst / "val" / "part-00000.parquet"
     first_key = pq.read_table(shard)["key"][0].as_py()
-    rewrite_shard(shard, lambda t: (t.set_column(1, "label", pa.array([-1] * t.num_rows, pa.int64())), False))
+    rewrite_shard(
+        shard, lambda t: (t.set_column(1, "label", pa.array([-1] * t.num_rows, pa.int64())), False)
+    )
     _, val, _ = build_datasets(DataSpec(uri=str(dst), image_size=16))
-    with pytest.raises(Exception, match=rf"LabelOutOfRangeError: shard {dst}/val/part-00000.parquet, key {first_key}: label -1 is outside \[0, 3\)"):
+    with pytest.raises(
+        Exception,
+        match=rf"LabelOutOfRangeError: shard {dst}/val/part-00000.parquet, key {first_key}: "
+        r"label -1 is outside \[0, 3\)",
+    ):
         val.take_all()
 
 
-def test_shard_with_the_wrong_schema_fails_naming_the_shard(s3_server, ray_local, make_image_folder):
+def test_shard_with_the_wrong_schema_fails_naming_the_shard(
+    s3_server, ray_local, make_image_folder
+):
     bucket = s3_server.make_bucket()
     uri = f"s3://{bucket}/schema"
     src = make_image_folder(per_class=2)
-    write_shards(str(src), uri, shard_size=4, val_src=str(src), storage_options=s3_server.storage_options, use_ray=False)
+    write_shards(
+        str(src),
+        uri,
+        shard_size=4,
+        val_src=str(src),
+        storage_options=s3_server.storage_options,
+        use_ray=False,
+    )
     wrong = pa.table({"img": [b"x"], "cls": [1]})
-    with s3_server.filesystem().open_output_stream(f"{bucket}/schema/val/part-00001.parquet") as stream:
+    with s3_server.filesystem().open_output_stream(
+        f"{bucket}/schema/val/part-00001.parquet"
+    ) as stream:
         pq.write_table(wrong, stream)
-    with pytest.raises(ShardFormatError, match=rf"shard {uri}/val/part-00001.parquet has the wrong schema \(no column 'image'; no column 'label'; no column 'key'\): found \(img: binary, cls: int64\)"):
+    with pytest.raises(
+        ShardFormatError,
+        match=rf"shard {uri}/val/part-00001.parquet has the wrong schema \(no column 'image'; "
+        r"no column 'label'; no column 'key'\): found \(img: binary, cls: int64\)",
+    ):
         build_datasets(DataSpec(uri=uri, image_size=16, storage_options=s3_server.storage_options))
 
 
@@ -106,20 +140,33 @@ def test_missing_shard_fails_naming_it(ray_local, make_image_folder, tmp_path):
     dst = tmp_path / "gone"
     write_shards(str(src), str(dst), shard_size=4, val_src=str(src), use_ray=False)
     (dst / "train" / "part-00000.parquet").unlink()
-    with pytest.raises(ShardFormatError, match=rf"shard {dst}/train/part-00000.parquet is listed in _manifest.json but missing"):
+    with pytest.raises(
+        ShardFormatError,
+        match=rf"shard {dst}/train/part-00000.parquet is listed in _manifest.json but missing",
+    ):
         build_datasets(DataSpec(uri=str(dst), image_size=16))
 
 
 def test_missing_or_empty_prefix_fails_naming_the_url(s3_server, ray_local):
     bucket = s3_server.make_bucket()
     options = s3_server.storage_options
-    with pytest.raises(ShardSetNotFoundError, match=rf"no shard set at s3://{bucket}/nothing/here: the location is missing or empty"):
+    with pytest.raises(
+        ShardSetNotFoundError,
+        match=rf"no shard set at s3://{bucket}/nothing/here: the location is missing or empty",
+    ):
         build_datasets(DataSpec(uri=f"s3://{bucket}/nothing/here", storage_options=options))
-    with pytest.raises(ShardSetNotFoundError, match=r"no shard set at s3://no-such-bucket-x1/p: the location is missing or empty"):
+    with pytest.raises(
+        ShardSetNotFoundError,
+        match=r"no shard set at s3://no-such-bucket-x1/p: the location is missing or empty",
+    ):
         build_datasets(DataSpec(uri="s3://no-such-bucket-x1/p", storage_options=options))
     with s3_server.filesystem().open_output_stream(f"{bucket}/loose/file.parquet") as stream:
         stream.write(b"data")
-    with pytest.raises(ShardSetNotFoundError, match=rf"no shard set at s3://{bucket}/loose: _manifest.json not found \(found 1 entries, e.g. \['file.parquet'\]\)"):
+    with pytest.raises(
+        ShardSetNotFoundError,
+        match=rf"no shard set at s3://{bucket}/loose: _manifest.json not found "
+        r"\(found 1 entries, e.g. \['file.parquet'\]\)",
+    ):
         build_datasets(DataSpec(uri=f"s3://{bucket}/loose", storage_options=options))
 
 
@@ -127,7 +174,10 @@ def test_unreachable_endpoint_fails_fast_naming_it():
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    with pytest.raises(EndpointUnreachableError, match=rf"cannot reach the object store for s3://bucket/set \(endpoint {endpoint}\)"):
+    with pytest.raises(
+        EndpointUnreachableError,
+        match=rf"cannot reach the object store for s3://bucket/set \(endpoint {endpoint}\)",
+    ):
         build_datasets(DataSpec(uri="s3://bucket/set", storage_options={"endpoint_url": endpoint}))
 
 
@@ -136,15 +186,25 @@ def test_missing_credentials_fail_before_any_request(s3_server, monkeypatch, tmp
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    with pytest.raises(MissingCredentialsError, match=r"no AWS credentials found for s3://bucket/set: set AWS_ACCESS_KEY_ID"):
+    with pytest.raises(
+        MissingCredentialsError,
+        match=r"no AWS credentials found for s3://bucket/set: set AWS_ACCESS_KEY_ID",
+    ):
         build_datasets(DataSpec(uri="s3://bucket/set", storage_options=s3_server.storage_options))
     # Public buckets need none:
     with pytest.raises(ShardSetNotFoundError):
-        build_datasets(DataSpec(uri="s3://bucket/set", storage_options={**s3_server.storage_options, "anonymous": True}))
+        build_datasets(
+            DataSpec(
+                uri="s3://bucket/set",
+                storage_options={**s3_server.storage_options, "anonymous": True},
+            )
+        )
 
 
 def test_unknown_storage_option_is_rejected_naming_it(s3_server):
-    with pytest.raises(StorageOptionsError, match=r"unknown key\(s\) \['endpoint'\]; allowed: \['endpoint_url'"):
+    with pytest.raises(
+        StorageOptionsError, match=r"unknown key\(s\) \['endpoint'\]; allowed: \['endpoint_url'"
+    ):
         build_datasets(DataSpec(uri="s3://bucket/set", storage_options={"endpoint": "http://x"}))
 
 

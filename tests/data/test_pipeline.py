@@ -23,7 +23,12 @@ from raydsnas.data import (
     write_shards,
 )
 
-DIGITS_SMALL = dict(uri="builtin:digits", image_size=8, crop_scale=(0.5, 1.0), keep_keys=True)
+DIGITS_SMALL = {
+    "uri": "builtin:digits",
+    "image_size": 8,
+    "crop_scale": (0.5, 1.0),
+    "keep_keys": True,
+}
 
 
 def digits_reference():
@@ -68,7 +73,7 @@ def epoch_pass(dataset, spec: DataSpec, epoch: int) -> tuple[list[str], dict[str
         local_shuffle_buffer_size=spec.shuffle_buffer,
         local_shuffle_seed=local_shuffle_seed(spec.seed, epoch),
     ):
-        for key, image in zip(batch["key"], batch["image"]):
+        for key, image in zip(batch["key"], batch["image"], strict=True):
             keys.append(str(key))
             images[str(key)] = image
     return keys, images
@@ -97,7 +102,9 @@ def test_train_epochs_reshuffle_reproducibly_from_the_seed(ray_local, builtin_ca
 
 
 @pytest.mark.slow
-def test_every_train_sample_is_seen_once_per_epoch_across_two_workers(ray_local, builtin_cache, tmp_path):
+def test_every_train_sample_is_seen_once_per_epoch_across_two_workers(
+    ray_local, builtin_cache, tmp_path
+):
     import ray.train
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -180,12 +187,18 @@ def test_aws_endpoint_url_environment_variable_is_honoured(
     "values, message",
     [
         ({"image_size": 0}, r"data.image_size = 0: must be an integer from 4 to 4096"),
-        ({"uri": "builtin:cifar"}, r"data.uri = 'builtin:cifar': unknown built-in data set; known: \['builtin:digits'\]"),
+        (
+            {"uri": "builtin:cifar"},
+            r"data.uri = 'builtin:cifar': unknown built-in data set; known: \['builtin:digits'\]",
+        ),
         ({"crop_scale": (0.9, 0.1)}, r"data.crop_scale = \(0.9, 0.1\): must be \[min, max\]"),
         ({"val_crop_ratio": 1.5}, r"data.val_crop_ratio = 1.5: must be a number in \(0, 1\]"),
         ({"skip_corrupt": "yes"}, r"data.skip_corrupt = 'yes': must be true or false"),
         ({"shuffle_buffer": -1}, r"data.shuffle_buffer = -1: must be a non-negative integer"),
-        ({"image_sise": 32}, r"data: unknown key\(s\) \['image_sise'\]; allowed: \['uri', 'image_size'"),
+        (
+            {"image_sise": 32},
+            r"data: unknown key\(s\) \['image_sise'\]; allowed: \['uri', 'image_size'",
+        ),
     ],
 )
 def test_data_spec_errors_name_the_key_the_value_and_what_is_allowed(values, message):

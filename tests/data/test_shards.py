@@ -32,7 +32,10 @@ def s3_round_trip(s3_server, ray_local, make_image_folder):
         str(src), uri, shard_size=4, val_src=str(src), storage_options=s3_server.storage_options
     )
     spec = DataSpec(
-        uri=uri, image_size=16, val_crop_ratio=1.0, storage_options=s3_server.storage_options,
+        uri=uri,
+        image_size=16,
+        val_crop_ratio=1.0,
+        storage_options=s3_server.storage_options,
         keep_keys=True,
     )
     train, val, manifest = build_datasets(spec)
@@ -40,7 +43,7 @@ def s3_round_trip(s3_server, ray_local, make_image_folder):
 
 
 def test_s3_round_trip_gives_original_pixels_and_labels(s3_round_trip, s3_server, reference_pixels):
-    src, bucket, uri, report, train_rows, val_rows, manifest = s3_round_trip
+    src, bucket, _uri, report, train_rows, val_rows, manifest = s3_round_trip
     keys = sorted(str(p.relative_to(src)) for p in src.glob("*/*") if p.suffix != ".txt")
     assert manifest.classes == ("cat", "dog", "emu")
     assert manifest.splits["train"].class_counts == (5, 5, 5)
@@ -59,7 +62,7 @@ def test_s3_round_trip_gives_original_pixels_and_labels(s3_round_trip, s3_server
     fs = s3_server.filesystem()
     with fs.open_input_file(f"{bucket}/sets/animals/train/part-00000.parquet") as stream:
         table = pq.read_table(stream)
-    for image, key in zip(table["image"].to_pylist(), table["key"].to_pylist()):
+    for image, key in zip(table["image"].to_pylist(), table["key"].to_pylist(), strict=True):
         assert image == (src / key).read_bytes()
 
 
@@ -67,7 +70,7 @@ def test_secret_key_appears_in_no_object_and_no_log(
     capfd, caplog, s3_round_trip, s3_server, ray_local, aws_test_credentials
 ):
     # capfd and caplog come first so that they also capture the round trip's setup.
-    src, bucket, *_ = s3_round_trip
+    _src, bucket, *_ = s3_round_trip
     secret = aws_test_credentials["AWS_SECRET_ACCESS_KEY"].encode()
     objects = s3_server.object_contents(bucket)
     assert len(objects) == 1 + 8  # manifest + 8 shards
@@ -81,7 +84,9 @@ def test_secret_key_appears_in_no_object_and_no_log(
     assert secret.decode() not in repr(spec)
 
 
-def test_rerun_after_deleting_a_shard_rewrites_only_that_shard(ray_local, make_image_folder, tmp_path):
+def test_rerun_after_deleting_a_shard_rewrites_only_that_shard(
+    ray_local, make_image_folder, tmp_path
+):
     src = make_image_folder(per_class=6)
     dst = tmp_path / "shards"
     first = write_shards(str(src), str(dst), shard_size=5, val_fraction=0.34)
@@ -99,12 +104,14 @@ def test_rerun_after_deleting_a_shard_rewrites_only_that_shard(ray_local, make_i
         if path != victim:
             assert (path.stat().st_ino, path.stat().st_mtime_ns) == identity
     assert second.manifest == first.manifest
-    train, val, manifest = build_datasets(DataSpec(uri=str(dst), image_size=16, keep_keys=True))
+    train, val, _ = build_datasets(DataSpec(uri=str(dst), image_size=16, keep_keys=True))
     keys = [str(r["key"]) for r in all_rows(train)] + [str(r["key"]) for r in all_rows(val)]
     assert len(keys) == len(set(keys)) == 18
 
 
-def test_val_fraction_holds_out_a_fixed_share_of_every_class(ray_local, make_image_folder, tmp_path):
+def test_val_fraction_holds_out_a_fixed_share_of_every_class(
+    ray_local, make_image_folder, tmp_path
+):
     src = make_image_folder(per_class=10)
     one = write_shards(str(src), str(tmp_path / "a"), shard_size=8, val_fraction=0.2, use_ray=False)
     two = write_shards(str(src), str(tmp_path / "b"), shard_size=8, val_fraction=0.2, use_ray=False)
@@ -135,5 +142,7 @@ def test_cli_writes_a_shard_set(ray_local, make_image_folder, tmp_path, capsys):
     assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [4, 2]
     assert "wrote 3 shards" in capsys.readouterr().out
     assert sorted(p.name for p in Path(dst).rglob("*.parquet")) == [
-        "part-00000.parquet", "part-00000.parquet", "part-00001.parquet"
+        "part-00000.parquet",
+        "part-00000.parquet",
+        "part-00001.parquet",
     ]
