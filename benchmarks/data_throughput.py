@@ -55,7 +55,8 @@ def ray_data_epochs(shards: Path, cpus: int):
 
     from raydsnas.data import DataSpec, build_datasets, iter_train_batches
 
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    # address="local": a fresh instance of our own, even if a cluster already runs on this machine
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     spec = DataSpec(uri=str(shards), image_size=IMAGE_SIZE)
     train, _, _ = build_datasets(spec)

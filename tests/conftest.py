@@ -108,6 +108,7 @@ def ray_local(aws_test_credentials, tmp_path_factory) -> Iterator[Path]:
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # our own instance, even when a `ray start` cluster runs on the machine
         num_cpus=2,
         include_dashboard=False,
         logging_level="WARNING",

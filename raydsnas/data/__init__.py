@@ -121,13 +121,13 @@ from raydsnas.data.pipeline import (
     local_shuffle_seed,
     normalize,
 )
-from raydsnas.data.shard import WriteReport, write_shards
 from raydsnas.data.storage import (
     redact_storage_options,
     resolve_filesystem,
     storage_errors,
     write_bytes_atomic,
 )
+from raydsnas.data.writer import WriteReport, write_shards
 
 __all__ = [
     "BUILTIN_SETS",

@@ -51,7 +51,7 @@ def write_digits_folders(train_dir: Path, val_dir: Path) -> None:
 
 
 def _build_digits(shard_dir: Path, work_dir: Path) -> None:
-    from raydsnas.data.shard import write_shards
+    from raydsnas.data.writer import write_shards
 
     train_dir, val_dir = work_dir / "train", work_dir / "val"
     write_digits_folders(train_dir, val_dir)

@@ -1,5 +1,5 @@
 """The shard format: Parquet files of `{image: binary, label: int64, key: string}` rows plus one
-`_manifest.json` that lists them. Written by `raydsnas.data.shard`, read by
+`_manifest.json` that lists them. Written by `raydsnas.data.writer`, read by
 `raydsnas.data.pipeline`.
 
 Layout at a shard-set root `DST`:
