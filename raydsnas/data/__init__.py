@@ -83,11 +83,10 @@ operator. The knobs, from most to least useful:
   the object-store memory the pipeline may fill with decoded batches. Under Ray Train pass
   `DataConfig(execution_options=execution_options(spec))`, since Train replaces the options.
 - `target_block_bytes` (DataSpec, default 8 MiB): the largest block the read and decode steps
-  emit (Ray's `target_max_block_size`, set per dataset). Ray Data packs up to 128 MiB of shards
-  into one read task; smaller blocks are what spreads decoding over the CPUs and bounds the
-  memory of one task. Shards are written in row groups of 128 rows, so blocks can be cut small.
-- `decode_batch_size` (DataSpec, default 64): rows per decode call (64 x 3 x 224 x 224 uint8 =
-  9.6 MB of output).
+  emit (Ray's `target_max_block_size`, set per dataset): one decode call takes one block of
+  encoded images (~70 ImageNet JPEGs) and emits ~10 MB of uint8 pixels. Each shard is read and
+  decoded by one fused Ray task, so the tasks in flight (at most one per CPU) times one shard's
+  blocks bound the memory of the decode step. Shards are written in row groups of 128 rows.
 - `shuffle_buffer` (DataSpec) and `prefetch_batches` (`iter_train_batches`): rows held in each
   training worker.
 - The object store itself: `ray start --object-store-memory`; excess spills to disk.
