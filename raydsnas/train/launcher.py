@@ -7,6 +7,7 @@ pipeline so the data order continues too).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -20,12 +21,14 @@ from ray.train.torch import TorchTrainer
 
 from raydsnas.config import JobConfig
 from raydsnas.data.pipeline import build_datasets, execution_options
-from raydsnas.data.storage import is_local_uri, join_path, resolve_filesystem, storage_errors
+from raydsnas.data.storage import (is_local_uri, join_path, read_bytes, resolve_filesystem,
+                                    storage_errors)
 from raydsnas.export import read_record
 from raydsnas.train.loop import STATE_FILE, train_func
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC, SyntheticData
 
-CHECKPOINT_DIR = re.compile(r"epoch_(\d{6})")
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's registry of checkpoints
+CHECKPOINT_DIR = re.compile(r"epoch_(\d{6})-[0-9a-f]{8}")
 
 
 @dataclass
@@ -58,12 +61,21 @@ def connect_ray() -> None:
 
 
 def latest_checkpoint_epoch(job: JobConfig) -> int:
-    """The epoch of the newest complete checkpoint under `<storage>/<name>/` (0 if none)."""
+    """The epoch of the checkpoint Ray Train will resume from (0 if none).
+
+    That is the latest *registered* checkpoint, from Ray Train's snapshot file; a folder that
+    was uploaded but never registered (the run died first) does not count. Without a snapshot
+    (another Ray version's layout) fall back to the newest complete folder.
+    """
     fs, root = resolve_filesystem(run_uri(job), job.storage.options)
     with storage_errors(run_uri(job), job.storage.options):
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        snapshot = join_path(root, SNAPSHOT_FILE)
+        if fs.get_file_info(snapshot).type == pafs.FileType.File:
+            latest = json.loads(read_bytes(fs, snapshot)).get("latest_checkpoint_result") or {}
+            match = CHECKPOINT_DIR.fullmatch(latest.get("checkpoint_dir_name", ""))
+            return int(match.group(1)) if match else 0
         epochs = []
-        for info in infos:
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
             match = CHECKPOINT_DIR.fullmatch(info.base_name)
             if match and info.type == pafs.FileType.Directory:
                 state = fs.get_file_info(join_path(info.path, STATE_FILE))

@@ -92,6 +92,7 @@ def train_func(config: dict[str, Any]) -> None:
                   f"world size {world}, per-worker batch {per_worker}, lr {lr:g}")
     data = Batches(job, config, rank, world, per_worker, steps_per_epoch, device,
                    strategy.channels_last)
+    attempt = attempt_id(collective, device)
     events = EventLog(rank == 0, fs, join_path(run_root, "events"))
     total_epochs = job.search.epochs
 
@@ -144,7 +145,8 @@ def train_func(config: dict[str, Any]) -> None:
             metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
                                          elapsed_s, worker_s))
         if last or (epoch + 1) % job.search.checkpoint_every == 0:
-            report_with_checkpoint(metrics, strategy, rank, epoch + 1, elapsed_s, worker_s, history)
+            report_with_checkpoint(metrics, strategy, rank, f"epoch_{epoch + 1:06d}-{attempt}",
+                                   epoch + 1, elapsed_s, worker_s, history)
         else:
             ray.train.report(metrics)
     if start_epoch >= total_epochs:  # resumed a finished run: report its result again
@@ -183,11 +185,20 @@ def export_result(job: JobConfig, strategy: DSNAS, data: Batches, collective: Co
             "child_params": meta["params"], "worker_hours": meta["worker_hours"]}
 
 
-def report_with_checkpoint(metrics: dict, strategy: DSNAS, rank: int, epoch: int,
+def attempt_id(collective: Collective, device: torch.device) -> str:
+    """A random id shared by this worker group's ranks: a group restarted from an older
+    checkpoint (failure, resize) writes new checkpoint folders, never over registered ones."""
+    value = torch.tensor([int.from_bytes(os.urandom(4), "little")], dtype=torch.int64,
+                         device=device)
+    collective.broadcast(value, src=0)
+    return f"{int(value):08x}"
+
+
+def report_with_checkpoint(metrics: dict, strategy: DSNAS, rank: int, dir_name: str, epoch: int,
                            elapsed_s: float, worker_s: float, history: list) -> None:
     """Checkpoint (rank 0 writes, every rank reports): everything to continue exactly."""
     if rank != 0:
-        ray.train.report(metrics, checkpoint_dir_name=f"epoch_{epoch:06d}")
+        ray.train.report(metrics, checkpoint_dir_name=dir_name)
         return
     with tempfile.TemporaryDirectory() as folder:
         torch.save({"strategy": strategy.state_dict(), "epoch": epoch, "elapsed_s": elapsed_s,
@@ -196,7 +207,7 @@ def report_with_checkpoint(metrics: dict, strategy: DSNAS, rank: int, epoch: int
         with open(os.path.join(folder, META_FILE), "w") as f:
             json.dump({"epoch": epoch, "step": strategy.step_count}, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"epoch_{epoch:06d}")
+                         checkpoint_dir_name=dir_name)
 
 
 def check_ranks_agree(strategy: DSNAS, collective: Collective) -> None:
