@@ -229,3 +229,24 @@ def test_default_run_with_no_arguments_writes_an_accurate_child(tmp_path):
     top1 = child.meta["meta"]["top1"]
     assert top1 > 0.6  # 10 classes: chance is 0.1
     assert (tmp_path / "runs" / "dsnas-digits" / "events").is_dir()
+
+
+@pytest.mark.slow
+def test_run_on_s3_storage_writes_checkpoints_and_subnet_without_secrets(ray_local, s3_server,
+                                                                         tmp_path):
+    from tests.conftest import TEST_SECRET_ACCESS_KEY
+
+    bucket = s3_server.make_bucket("runs")
+    sets = synthetic_sets(tmp_path, "s3run", **{
+        "storage.uri": f"s3://{bucket}/runs", "storage.options.endpoint_url": s3_server.endpoint_url})
+    sets = [s for s in sets if not s.startswith("storage=")]
+    outcome = run_search(load_config(None, sets))
+    assert outcome.subnet_uri == f"s3://{bucket}/runs/s3run/subnet"
+    objects = s3_server.object_contents(bucket)
+    names = sorted(objects)
+    assert f"{bucket}/runs/s3run/subnet/arch.json" in names
+    assert any("/runs/s3run/epoch_000002-" in n and n.endswith("/state.pt") for n in names)
+    assert any("/runs/s3run/events/" in n for n in names)
+    assert not any(TEST_SECRET_ACCESS_KEY.encode() in data for data in objects.values())
+    child = load_child(outcome.subnet_uri, storage_options=s3_server.storage_options)
+    assert child.arch == outcome.record["arch"]
