@@ -210,6 +210,15 @@ def parse_config(raw: Mapping[str, Any]) -> JobConfig:
     if isinstance(storage_raw, str):
         storage_raw = {"uri": storage_raw}
     storage = _parse_storage(_mapping("storage", storage_raw))
+    if scaling.sync_bn and search.dsnas.get("sampling", "shared") == "per_rank":
+        raise ConfigError("scaling.sync_bn = true is not allowed with search.sampling = "
+                          "'per_rank': ranks run different blocks, so their BatchNorm "
+                          "all-reduces would not match; use sampling 'shared' or sync_bn false")
+    secret = sorted(k for k in data.storage_options if k in SECRET_KEYS)
+    if secret:
+        raise ConfigError(f"data.storage_options {secret} are credentials: they never go in a "
+                          "config file. Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the "
+                          "environment or use the cloud role")
     if scaling.max_workers > search.global_batch_size:
         raise ConfigError(f"scaling.num_workers = {scaling.num_workers!r} is not allowed with "
                           f"search.global_batch_size = {search.global_batch_size}: every worker "

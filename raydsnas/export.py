@@ -13,7 +13,10 @@ upload, published whole), and `arch.json` goes last, so a reader never trusts a 
 supernet, no unpickling.
 
 Command line: `python -m raydsnas.export URI` loads, verifies and summarises an artifact
-(`--input-size` / `--batch` run a forward pass on random input).
+(`--batch` sets the batch of a test forward pass on random input).
+
+`load_program` is for artifacts you trust: `torch.export.load` may unpickle, so it asks for
+`trusted=True`. `load_child` is the safe path for anything else.
 """
 
 from __future__ import annotations
@@ -74,8 +77,12 @@ def save_child(child: ChildNet, uri: str, *, meta: Mapping[str, Any] | None = No
     fs, root = resolve_filesystem(uri, storage_options)
     state = {k: v.detach().cpu().contiguous() for k, v in child.state_dict().items()}
     files = {WEIGHTS_FILE: save_safetensors(state, metadata={"format": FORMAT})}
+    program_error = None
     if program:
-        files[PROGRAM_FILE] = export_program(child)
+        try:
+            files[PROGRAM_FILE] = export_program(child)
+        except Exception as err:  # the weights are the artifact; the program is a convenience
+            program_error = f"{type(err).__name__}: {err}"[:2000]
 
     space = child.space
     record = {
@@ -91,6 +98,8 @@ def save_child(child: ChildNet, uri: str, *, meta: Mapping[str, Any] | None = No
         "versions": {"raydsnas": _version(), "torch": torch.__version__},
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    if program_error:
+        record["program_error"] = program_error
     with storage_errors(uri, storage_options):
         if isinstance(fs, pafs.LocalFileSystem):
             fs.create_dir(root, recursive=True)
@@ -145,8 +154,16 @@ def load_child(uri: str, *, device: torch.device | str = "cpu",
     return child.to(device).eval()
 
 
-def load_program(uri: str, *, storage_options: Mapping[str, Any] | None = None):
-    """The artifact's `torch.export` program (an `ExportedProgram`; call `.module()` to run it)."""
+def load_program(uri: str, *, trusted: bool = False,
+                 storage_options: Mapping[str, Any] | None = None):
+    """The artifact's `torch.export` program (an `ExportedProgram`; call `.module()` to run it).
+
+    Only for artifacts you trust (`trusted=True`): `torch.export.load` can fall back to full
+    unpickling. Use `load_child` for anything else.
+    """
+    if not trusted:
+        raise ArtifactError("load_program() may unpickle: pass trusted=True for an artifact you "
+                            "trust, or use load_child(), which never unpickles")
     fs, root = resolve_filesystem(uri, storage_options)
     record = read_record(uri, storage_options)
     data = _read_verified(fs, root, uri, record, PROGRAM_FILE)

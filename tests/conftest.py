@@ -96,9 +96,14 @@ def s3_server(aws_test_credentials) -> Iterator[S3Server]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(aws_test_credentials, tmp_path_factory) -> Iterator[Path]:
-    """A local Ray with 2 CPUs for the session; yields its session log folder.
+    """A local Ray with 2 CPUs for one test module; yields its session log folder.
+
+    Module scope, so that no in-process Ray is alive while another module's tests start their
+    own clusters in subprocesses: with two Ray instances on one machine, Ray Train's
+    placement-group cleaner cannot resolve which one to ask, and a finished trial's resources
+    leak (then the next trial waits forever).
 
     The dashboard is off to save the 2 cores; a Tune/ASHA test needs its own Ray with the
     dashboard on (see shared/RAY_NOTES.md)."""

@@ -1,7 +1,7 @@
-"""The search job on a real local Ray: data-parallel equivalence, both sampling policies, resume
-after the driver is killed, recovery from a killed worker, and elastic resizing."""
+"""The search job on a real local Ray (in this process): data-parallel equivalence, both sampling
+policies, recovery from a killed worker, S3 storage. Runs through the command line (resume,
+elasticity, the default) are in test_search_cli.py."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from raydsnas import load_child
 from raydsnas.config import load_config
@@ -89,36 +88,6 @@ def test_per_rank_policy_runs_with_ranks_in_sync(ray_local, tmp_path):
     assert outcome.record["meta"]["top1"] >= 0
 
 
-@pytest.mark.slow
-def test_killed_driver_resumes_to_the_same_result_as_an_uninterrupted_run(ray_local, tmp_path,
-                                                                          monkeypatch):
-    extra = {"search.epochs": 4, "search.sampling": "shared", "data.uri": "builtin:digits",
-             "data.preserve_order": "true", "data.image_size": 16, "search.max_steps_per_epoch": 3,
-             "search.global_batch_size": 32, "space.num_classes": "auto"}
-    env = {"RAYDSNAS_CACHE": str(tmp_path / "cache")}
-    monkeypatch.setenv("RAYDSNAS_CACHE", env["RAYDSNAS_CACHE"])
-    run_search(load_config(None, synthetic_sets(tmp_path / "a", "run", **extra)))  # uninterrupted
-
-    interrupted = run_cli(synthetic_sets(tmp_path / "b", "run", **extra), tmp_path, env)
-    deadline = time.time() + 600
-    while not any(p.name.startswith("epoch_000002") for p in checkpoints(tmp_path / "b" / "run")):
-        assert interrupted.poll() is None and time.time() < deadline, interrupted.stdout.read()
-        time.sleep(0.2)
-    os.killpg(interrupted.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    interrupted.wait(timeout=60)
-    assert not (tmp_path / "b" / "run" / "subnet").exists()
-
-    resumed = run_cli(synthetic_sets(tmp_path / "b", "run", **extra), tmp_path, env)
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-3000:]
-    assert "resumed from epoch 2" in out or "resumed from epoch 3" in out
-    a = final_state(tmp_path / "a" / "run")["strategy"]
-    b = final_state(tmp_path / "b" / "run")["strategy"]
-    assert a["step"] == b["step"] == 12
-    torch.testing.assert_close(b["alpha"], a["alpha"], rtol=1e-5, atol=1e-6)
-    assert a["frozen"] == b["frozen"]
-
-
 def _train_worker_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -158,77 +127,6 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_local, tmp_path):
     state = final_state(tmp_path / "ft")
     assert state["epoch"] == 5 and state["strategy"]["step"] == 20
     assert load_child(outcome.subnet_uri).arch == outcome.record["arch"]
-
-
-def _history(run_dir: Path) -> list[dict]:
-    for latest in reversed(checkpoints(run_dir)):
-        try:
-            return json.loads(torch.load(latest / "state.pt", weights_only=True)["history"])
-        except (OSError, RuntimeError, EOFError):  # being written or rotated away
-            continue
-    return []
-
-
-def _registered_world_size(run_dir: Path) -> int | None:
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return snapshot["latest_checkpoint_result"]["metrics"]["world_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-@pytest.mark.slow
-def test_elastic_run_grows_and_shrinks_with_the_cluster(tmp_path, monkeypatch):
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # inherited by the cluster's workers
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    proc = None
-    try:
-        run_dir = tmp_path / "elastic"
-        proc = run_cli(synthetic_sets(tmp_path, "elastic", **{
-            "scaling.num_workers": "[1,2]", "scaling.elastic_resize_interval_s": 2,
-            "scaling.max_failures": 6, "search.epochs": 40}),
-            tmp_path, {"RAY_ADDRESS": cluster.address})
-
-        def wait_for(condition, what):
-            deadline = time.time() + 300
-            while not condition():
-                assert proc.poll() is None, f"run ended while waiting for {what}: " + proc.stdout.read()[-3000:]
-                assert time.time() < deadline, f"timed out waiting for {what}"
-                time.sleep(0.5)
-
-        wait_for(lambda: len(_history(run_dir)) >= 2, "two epochs")
-        extra = cluster.add_node(num_cpus=1)
-        # Ray Train registers reported checkpoints a little later; wait for a registered
-        # 2-worker checkpoint, so that the shrink restarts from one.
-        wait_for(lambda: _registered_world_size(run_dir) == 2, "a registered 2-worker checkpoint")
-        cluster.remove_node(extra)
-        wait_for(lambda: _history(run_dir)[-1]["world_size"] == 1
-                 and any(h["world_size"] == 2 for h in _history(run_dir)), "shrinking back")
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        cluster.shutdown()
-    sizes = [h["world_size"] for h in _history(run_dir)]
-    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1
-    assert [h["epoch"] for h in _history(run_dir)] == list(range(1, 41))
-    assert (run_dir / "subnet" / "arch.json").exists()
-
-
-@pytest.mark.slow
-def test_default_run_with_no_arguments_writes_an_accurate_child(tmp_path):
-    proc = run_cli([], tmp_path, {"RAYDSNAS_CACHE": str(tmp_path / "cache")})
-    out, _ = proc.communicate(timeout=1200)
-    assert proc.returncode == 0, out[-3000:]
-    subnet = tmp_path / "runs" / "dsnas-digits" / "subnet"
-    assert f"child network: {subnet}" in out
-    child = load_child(str(subnet))
-    top1 = child.meta["meta"]["top1"]
-    assert top1 > 0.6  # 10 classes: chance is 0.1
-    assert (tmp_path / "runs" / "dsnas-digits" / "events").is_dir()
 
 
 @pytest.mark.slow

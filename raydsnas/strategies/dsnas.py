@@ -162,7 +162,9 @@ class DSNAS:
         self.config = config or DSNASConfig()
         self.device = torch.device(device)
         self.collective = collective or LocalCollective()
-        self.use_amp = self.config.amp and self.device.type == "cuda"
+        # bf16 autocast needs Ampere or newer; older GPUs train in fp32.
+        self.use_amp = (self.config.amp and self.device.type == "cuda"
+                        and torch.cuda.is_bf16_supported())
         self.channels_last = self.config.channels_last and self.device.type == "cuda"
 
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -321,7 +323,8 @@ class DSNAS:
         return alpha.grad.float()
 
     def _synchronise(self, path: list[int], alpha_grad: torch.Tensor) -> torch.Tensor:
-        """Average weight gradients and the alpha gradient over ranks, in one all-reduce.
+        """Average weight gradients and the alpha gradient over ranks (one all-reduce; `per_rank`
+        first sums which candidates each rank ran, a second small one).
 
         A candidate that only some ranks ran contributes zeros from the others, so every
         gradient is that of the mean loss over the global batch. Returns the averaged alpha grad.
@@ -423,6 +426,14 @@ class DSNAS:
             self.alpha_opt.load_state_dict(state["alpha_opt"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+        # The learning rates are this run's (a resize may change them), at the restored step.
+        self.scheduler.base_lrs = [self.config.lr] * len(self.weight_opt.param_groups)
+        factor = warmup_cosine(self.config.total_steps, self.config.warmup_steps)
+        for group in self.weight_opt.param_groups:
+            group["lr"] = self.config.lr * factor(self.scheduler.last_epoch)
+            group["initial_lr"] = self.config.lr
+        for group in self.alpha_opt.param_groups if self.alpha_opt is not None else []:
+            group["lr"] = self.config.alpha_lr
 
     def num_weight_parameters(self) -> int:
         return sum(p.numel() for p in self.supernet.parameters())

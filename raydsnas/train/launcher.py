@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +85,9 @@ def latest_checkpoint_epoch(job: JobConfig) -> int:
     return max(epochs, default=0)
 
 
-def build_trainer(job: JobConfig) -> TorchTrainer:
-    """The `TorchTrainer` of a job (datasets read and checked here, before any worker starts)."""
+def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer:
+    """The `TorchTrainer` of a job (datasets read and checked here, before any worker starts).
+    `callbacks`: Ray Train callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial."""
     start_epoch = latest_checkpoint_epoch(job)
     datasets: dict[str, Any] = {}
     if job.data.uri.startswith(SYNTHETIC):
@@ -120,7 +122,7 @@ def build_trainer(job: JobConfig) -> TorchTrainer:
             name=job.name,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.storage.keep_checkpoints),
-            **storage),
+            callbacks=list(callbacks), **storage),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets),
                                             execution_options=execution_options(job.data)),

@@ -63,7 +63,9 @@ def train_func(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
 
     per_worker, lr = world_batch(job, world)
-    steps_per_epoch = config["num_train"] // (per_worker * world)
+    # From the configured global batch, not per_worker * world: the schedule (and so the
+    # checkpoint) is the same whatever the world size.
+    steps_per_epoch = config["num_train"] // job.search.global_batch_size
     if job.search.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, job.search.max_steps_per_epoch)
     if steps_per_epoch < 1:
@@ -81,21 +83,26 @@ def train_func(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location=device,
+            # Onto the CPU: RNG states must stay CPU tensors; module and optimiser loads move
+            # their tensors to the device themselves.
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
                                weights_only=True)
         strategy.load_state_dict(state["strategy"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch, elapsed_s = state["epoch"], state["elapsed_s"]
         worker_s, history = state["worker_s"], json.loads(state["history"])
         if rank == 0:
             say(f"[raydsnas] resumed from epoch {start_epoch} (step {strategy.step_count}), "
                   f"world size {world}, per-worker batch {per_worker}, lr {lr:g}")
     data = Batches(job, config, rank, world, per_worker, steps_per_epoch, device,
-                   strategy.channels_last)
+                   strategy.channels_last, step_of=lambda: strategy.step_count)
     attempt = attempt_id(collective, device)
     events = EventLog(rank == 0, fs, join_path(run_root, "events"))
     total_epochs = job.search.epochs
 
+    last_eval: dict[str, float] = {}
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
         loss_sum = correct = seen = 0.0
@@ -130,8 +137,11 @@ def train_func(config: dict[str, Any]) -> None:
             "elapsed_s": elapsed_s, "arch": json.dumps(strategy.argmax_arch()),
         }
         if last or (epoch + 1) % job.search.eval_every == 0:
-            metrics.update(data.evaluate(strategy.predict, collective))
-        history.append({k: v for k, v in metrics.items() if k != "arch"})
+            last_eval = data.evaluate(strategy.predict, collective)
+        metrics.update(last_eval)  # every report carries the latest validation (Tune schedulers)
+        history.append({**{k: v for k, v in metrics.items() if k != "arch"},
+                        "probs": [[round(p, 5) for p in row] for row in strategy.probs().tolist()],
+                        "arch": strategy.argmax_arch()})
         events.scalars(strategy.step_count, {k: v for k, v in metrics.items()
                                              if isinstance(v, (int, float)) and k != "epoch"})
         events.arch(strategy.step_count, strategy.probs(), strategy.frozen)
@@ -141,14 +151,14 @@ def train_func(config: dict[str, Any]) -> None:
                   + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in metrics.items()))
 
-        if last:
-            metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
-                                         elapsed_s, worker_s))
         if last or (epoch + 1) % job.search.checkpoint_every == 0:
             report_with_checkpoint(metrics, strategy, rank, f"epoch_{epoch + 1:06d}-{attempt}",
                                    epoch + 1, elapsed_s, worker_s, history)
         else:
             ray.train.report(metrics)
+        if last:  # after the checkpoint: a failed export never costs a retrained epoch
+            ray.train.report({**metrics, **export_result(job, strategy, data, collective,
+                                                         run_uri, rank, elapsed_s, worker_s)})
     if start_epoch >= total_epochs:  # resumed a finished run: report its result again
         ray.train.report({"epoch": total_epochs, "step": strategy.step_count, **(
             history[-1] if history else {})})
@@ -201,9 +211,12 @@ def report_with_checkpoint(metrics: dict, strategy: DSNAS, rank: int, dir_name: 
         ray.train.report(metrics, checkpoint_dir_name=dir_name)
         return
     with tempfile.TemporaryDirectory() as folder:
+        cuda_rng = torch.cuda.get_rng_state(strategy.device) if strategy.device.type == "cuda" \
+            else None
         torch.save({"strategy": strategy.state_dict(), "epoch": epoch, "elapsed_s": elapsed_s,
                     "worker_s": worker_s, "torch_rng": torch.get_rng_state(),
-                    "history": json.dumps(history)}, os.path.join(folder, STATE_FILE))
+                    "cuda_rng": cuda_rng, "history": json.dumps(history)},
+                   os.path.join(folder, STATE_FILE))
         with open(os.path.join(folder, META_FILE), "w") as f:
             json.dump({"epoch": epoch, "step": strategy.step_count}, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -234,8 +247,10 @@ class Batches:
     with every rank taking exactly the same number of steps."""
 
     def __init__(self, job: JobConfig, config: dict, rank: int, world: int, per_worker: int,
-                 steps_per_epoch: int, device: torch.device, channels_last: bool):
+                 steps_per_epoch: int, device: torch.device, channels_last: bool,
+                 step_of=lambda: 0):
         self.job, self.rank, self.world = job, rank, world
+        self.step_of = step_of  # the strategy's step counter, checked across ranks each step
         self.per_worker, self.steps = per_worker, steps_per_epoch
         self.device, self.channels_last = device, channels_last
         self.synthetic = None
@@ -259,10 +274,15 @@ class Batches:
         collective = default_collective()
         for _ in range(steps):
             batch = next(source, None)
-            # Every rank must take the same number of steps (each ends in an all-reduce).
-            have = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
+            # Every rank must take the same number of steps (each ends in an all-reduce);
+            # the step counter rides along, so a drifted rank is caught before it deadlocks.
+            have = torch.tensor([0.0 if batch is None else 1.0, float(self.step_of())],
+                                dtype=torch.float64, device=self.device)
             collective.all_reduce_sum(have)
-            if int(have.item()) < self.world:
+            if int(have[1].item()) != self.world * self.step_of():
+                raise RanksDivergedError(f"ranks are at different steps (rank {self.rank} at "
+                                         f"step {self.step_of()}, sum {int(have[1].item())})")
+            if int(have[0].item()) < self.world:
                 if self.rank == 0:
                     say(f"[raydsnas] epoch {epoch + 1}: a rank ran out of data early; "
                           "ending the epoch on every rank")

@@ -2,8 +2,8 @@
 
 torch's `SyncBatchNorm` runs on GPUs only. This one is plain autograd over
 `torch.distributed.nn.functional.all_reduce` (whose backward is an all-reduce too), so it works
-wherever a process group does. With it, W workers x batch B/W compute exactly what one worker
-computes with batch B.
+wherever a process group does. With it (and the `shared` sampling policy: every rank must run
+the same BatchNorm layers), W workers x batch B/W compute what one worker computes with batch B.
 """
 
 from __future__ import annotations
