@@ -58,6 +58,7 @@ def test_batch_and_lr_follow_the_world_size_by_the_documented_rule():
     ("storage.options.secret_access_key=abc", "credentials: they never go in a config file"),
     ("search.epochs=0", "search.epochs = 0 is not allowed"),
     ("name=../escape", "name = '../escape' is not allowed"),
+    ("data.storage_options.secret_access_key=abc", "data.storage_options ['secret_access_key']"),
 ])
 def test_bad_values_exit_2_naming_the_key_and_write_nothing(override, message, tmp_path,
                                                             monkeypatch, capsys):
@@ -84,3 +85,10 @@ def test_cli_exit_code_and_message_for_a_bad_config(tmp_path):
     assert out.returncode == 2
     assert "search.h = -1 is not allowed" in out.stderr
     assert not (Path(tmp_path) / "runs").exists()
+
+
+def test_global_batch_norm_is_refused_with_per_rank_sampling():
+    # Ranks run different blocks under per_rank: their BN all-reduces would not line up.
+    with pytest.raises(ConfigError, match="sync_bn = true is not allowed with search.sampling"):
+        load_config(None, ["scaling.sync_bn=true", "search.sampling=per_rank"])
+    assert load_config(None, ["scaling.sync_bn=true"]).scaling.sync_bn

@@ -2,6 +2,7 @@
 progressive early stop with pruning, the FLOPs term, pre-training, and exact resume."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -256,3 +257,16 @@ def test_bad_search_settings_name_the_key():
         DSNASConfig(h=0)
     with pytest.raises(ValueError, match="unknown key"):
         DSNASConfig.from_dict({"hh": 0.3})
+
+
+def test_resume_into_a_new_learning_rate_follows_the_new_schedule_at_the_restored_step():
+    first = make(lr=0.1, warmup_epochs=0)
+    for i in range(5):
+        first.step(*batch(500 + i))
+    resumed = make(lr=0.2, warmup_epochs=0)  # e.g. an elastic resize changed the global batch
+    resumed.load_state_dict(first.state_dict())
+    expected = 0.2 * 0.5 * (1 + math.cos(math.pi * 5 / resumed.config.total_steps))
+    assert all(g["lr"] == pytest.approx(expected) for g in resumed.weight_opt.param_groups)
+    resumed.step(*batch(505))
+    expected = 0.2 * 0.5 * (1 + math.cos(math.pi * 6 / resumed.config.total_steps))
+    assert all(g["lr"] == pytest.approx(expected) for g in resumed.weight_opt.param_groups)
