@@ -4,6 +4,7 @@ the no-argument default. No in-process Ray here (see the `ray_local` fixture's n
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -37,7 +38,10 @@ def test_killed_driver_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_pa
     resumed = run_cli(synthetic_sets(tmp_path / "b", "run", **extra), tmp_path, env)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
-    assert "resumed from epoch 2" in out or "resumed from epoch 3" in out
+    # Ray Train registers a reported checkpoint shortly after it is written, so the run resumes
+    # from the last *registered* one: epoch 1 or 2 here, never from scratch.
+    resumed_from = re.search(r"resumed from epoch (\d+)", out)
+    assert resumed_from and 1 <= int(resumed_from.group(1)) <= 3, out[-3000:]
     a = final_state(tmp_path / "a" / "run")["strategy"]
     b = final_state(tmp_path / "b" / "run")["strategy"]
     assert a["step"] == b["step"] == 12
