@@ -16,7 +16,8 @@ The config is a search job's config plus a `sweep` section:
       scheduler: {type: asha, metric: val_top1, grace_period: 1, reduction_factor: 2}
                                       # optional; `mode` defaults to the sweep's; any metric the
                                       # search reports every epoch (val_top1, train_loss, ...)
-      trial_resources: {CPU: 0.1}     # the trial's driver only; its Train workers ask for `scaling`
+      trial_resources: {CPU: 0, memory: 268435456}   # the trial's driver only (the default);
+                                      # its Train workers ask for `scaling`
 
 Each trial is a Ray Train search run (`TorchTrainer` with `TuneReportCallback`) named after the
 trial, so everything of trial T lives in `<storage>/<sweep>/<T>/` (Tune's results, Train's
@@ -58,7 +59,10 @@ class SweepConfig:
     metric: str = "child_val_top1"
     mode: str = "max"
     scheduler: Mapping[str, Any] | None = None
-    trial_resources: Mapping[str, float] = field(default_factory=lambda: {"CPU": 0.1})
+    # The trial's driver only needs memory: a fractional CPU here would leave less than one
+    # whole CPU for Ray Data's decode tasks on a small machine, and the search would starve.
+    trial_resources: Mapping[str, float] = field(
+        default_factory=lambda: {"CPU": 0, "memory": 256 * 2**20})
 
 
 def parse_sweep(raw: Mapping[str, Any], job_raw: dict) -> SweepConfig:
