@@ -151,17 +151,28 @@ def train_func(config: dict[str, Any]) -> None:
                   + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in metrics.items()))
 
+        checkpoint_name = f"epoch_{epoch + 1:06d}-{attempt}"
+        if last:
+            # Export before the last report: a scheduler (Tune's ASHA at max_t) may stop the
+            # trial on that report. If the export fails, the final checkpoint is still
+            # committed first, so the retry resumes here and only exports again.
+            try:
+                metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
+                                             elapsed_s, worker_s))
+            except Exception:
+                report_with_checkpoint(metrics, strategy, rank, checkpoint_name, epoch + 1,
+                                       elapsed_s, worker_s, history)
+                raise
         if last or (epoch + 1) % job.search.checkpoint_every == 0:
-            report_with_checkpoint(metrics, strategy, rank, f"epoch_{epoch + 1:06d}-{attempt}",
-                                   epoch + 1, elapsed_s, worker_s, history)
+            report_with_checkpoint(metrics, strategy, rank, checkpoint_name, epoch + 1,
+                                   elapsed_s, worker_s, history)
         else:
             ray.train.report(metrics)
-        if last:  # after the checkpoint: a failed export never costs a retrained epoch
-            ray.train.report({**metrics, **export_result(job, strategy, data, collective,
-                                                         run_uri, rank, elapsed_s, worker_s)})
-    if start_epoch >= total_epochs:  # resumed a finished run: report its result again
-        ray.train.report({"epoch": total_epochs, "step": strategy.step_count, **(
-            history[-1] if history else {})})
+    if start_epoch >= total_epochs:  # resumed a finished run (e.g. its export failed)
+        last_epoch = {k: v for k, v in (history[-1] if history else {}).items() if k != "probs"}
+        ray.train.report({**last_epoch, "arch": json.dumps(
+            strategy.argmax_arch()), **export_result(job, strategy, data, collective, run_uri,
+                                                     rank, elapsed_s, worker_s)})
     events.close()
 
 
