@@ -149,20 +149,23 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 # -- loading -------------------------------------------------------------------------------------
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file, or a `ConfigError` naming the file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got "
+                          f"{type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
     """The job config from a YAML file (or the embedded default) with `key=value` overrides."""
-    if path is None:
-        raw: Any = _deep_copy(DEFAULT_CONFIG)
-    else:
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections, got "
-                              f"{type(raw).__name__}")
+    raw = _deep_copy(DEFAULT_CONFIG) if path is None else read_config_file(path)
     for item in overrides:
         apply_override(raw, item)
     return parse_config(raw)

@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from raydsnas.config import ConfigError, apply_override, parse_config
+from raydsnas.config import ConfigError, apply_override, parse_config, read_config_file
 from raydsnas.data.errors import DataError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -126,13 +124,8 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def load_sweep(path: str, overrides: Sequence[str] = ()) -> tuple[dict, SweepConfig]:
     """(the job's raw mapping with overrides, the validated sweep) from a sweep YAML file."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict) or "sweep" not in raw:
+    raw = read_config_file(path)
+    if "sweep" not in raw:
         raise ConfigError(f"config file {path} has no 'sweep' section (a plain job? use "
                           "python -m raydsnas.search)")
     wrapper = {"sweep": raw.pop("sweep") or {}}

@@ -10,7 +10,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from raydsnas import load_child
