@@ -45,7 +45,7 @@ def ray_steps(args) -> float:
     from raydsnas.train.launcher import run_search
 
     with tempfile.TemporaryDirectory() as folder:
-        sets = [f"name=overhead", f"storage={folder}",
+        sets = ["name=overhead", f"storage={folder}",
                 f"data.uri=synthetic:10/{args.batch * args.steps}/64", "data.image_size=32",
                 "space.preset=cifar", "space.width_mult=0.5", "space.stage_repeats=[2,2,4,2]",
                 f"search.epochs={args.epochs}", f"search.global_batch_size={args.batch}",

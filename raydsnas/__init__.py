@@ -9,8 +9,8 @@ Public API:
 
 __version__ = "0.1.0"
 
-from raydsnas.export import load_child, save_child  # noqa: E402
-from raydsnas.space import SearchSpace  # noqa: E402
-from raydsnas.strategies.dsnas import DSNAS, DSNASConfig  # noqa: E402
+from raydsnas.export import load_child, save_child
+from raydsnas.space import SearchSpace
+from raydsnas.strategies.dsnas import DSNAS, DSNASConfig
 
 __all__ = ["DSNAS", "DSNASConfig", "SearchSpace", "__version__", "load_child", "save_child"]

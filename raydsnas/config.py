@@ -425,5 +425,15 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
-__all__ = ["ConfigError", "DEFAULT_CONFIG", "JobConfig", "ScalingSection", "SearchSection",
-           "SpaceSection", "StorageSection", "apply_override", "load_config", "parse_config"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ConfigError",
+    "JobConfig",
+    "ScalingSection",
+    "SearchSection",
+    "SpaceSection",
+    "StorageSection",
+    "apply_override",
+    "load_config",
+    "parse_config",
+]

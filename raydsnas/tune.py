@@ -219,7 +219,6 @@ def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
 def summarise(result_grid, job_raw: dict, sweep: SweepConfig) -> dict[str, Any]:
     """Per-trial rows from Tune's results and each trial's exported `arch.json`."""
     from raydsnas.export import ArtifactError, read_record
-
     from raydsnas.train.launcher import run_uri
 
     job = parse_config(job_raw)

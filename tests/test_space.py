@@ -49,7 +49,7 @@ def test_imagenet_flops_table_matches_reference_figures():
     assert (space.num_layers, space.num_choices) == (20, 4)
     assert space.choice_names == ("choice_3", "choice_5", "choice_7", "choice_x")
     table = space.flops_table()
-    mflops = lambda row: [round(f / 1e6, 2) for f in row]  # noqa: E731
+    mflops = lambda row: [round(f / 1e6, 2) for f in row]
     assert mflops(table.per_layer[0]) == [13.40, 15.81, 19.42, 13.15]
     for layer in (17, 18, 19):  # stage 4, stride 1
         assert mflops(table.per_layer[layer]) == [10.18, 10.43, 10.80, 15.48]

@@ -22,11 +22,17 @@ from ray.train.torch import TorchTrainer
 
 from raydsnas.config import JobConfig
 from raydsnas.data.pipeline import build_datasets, execution_options
-from raydsnas.data.storage import (is_local_uri, join_path, read_bytes, resolve_filesystem,
-                                    storage_errors)
+from raydsnas.data.storage import (
+    is_local_uri,
+    join_path,
+    read_bytes,
+    resolve_filesystem,
+    storage_errors,
+)
 from raydsnas.export import read_record
 from raydsnas.train.loop import STATE_FILE, train_func
-from raydsnas.train.synthetic import PREFIX as SYNTHETIC, SyntheticData
+from raydsnas.train.synthetic import PREFIX as SYNTHETIC
+from raydsnas.train.synthetic import SyntheticData
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's registry of checkpoints
 CHECKPOINT_DIR = re.compile(r"epoch_(\d{6})-[0-9a-f]{8}")

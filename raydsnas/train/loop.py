@@ -27,8 +27,9 @@ from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_b
 from raydsnas.export import save_child
 from raydsnas.strategies import DSNAS, Collective, default_collective
 from raydsnas.train.events import EventLog
-from raydsnas.train.synthetic import PREFIX as SYNTHETIC, SyntheticData
 from raydsnas.train.sync_bn import average_bn_buffers, use_global_batch_norm
+from raydsnas.train.synthetic import PREFIX as SYNTHETIC
+from raydsnas.train.synthetic import SyntheticData
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
