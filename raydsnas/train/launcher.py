@@ -94,13 +94,13 @@ def latest_checkpoint_epoch(job: JobConfig) -> int:
 def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer:
     """The `TorchTrainer` of a job (datasets read and checked here, before any worker starts).
     `callbacks`: Ray Train callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial."""
-    start_epoch = latest_checkpoint_epoch(job)
     datasets: dict[str, Any] = {}
     if job.data.uri.startswith(SYNTHETIC):
         synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed)
         num_classes, num_train = synthetic.num_classes, synthetic.num_train
     else:
-        data = build_datasets(job.data, start_epoch=start_epoch)
+        # The data order continues where Ray Train will resume the weights.
+        data = build_datasets(job.data, start_epoch=latest_checkpoint_epoch(job))
         datasets = {"train": data.train, "val": data.val}
         num_classes = data.manifest.num_classes
         num_train = data.manifest.splits["train"].num_samples
@@ -118,8 +118,7 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer
     return TorchTrainer(
         train_func,
         train_loop_config={"job": job.to_dict(), "num_classes": num_classes,
-                           "num_train": num_train, "run_uri": run_uri(job),
-                           "start_epoch": start_epoch},
+                           "num_train": num_train, "run_uri": run_uri(job)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker=resources,

@@ -54,7 +54,7 @@ def world_batch(job: JobConfig, world: int) -> tuple[int, float]:
 
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`. `config`: the validated job mapping (`job`), the
-    data set facts the driver read (`num_classes`, `num_train`), `run_uri`, `start_epoch`."""
+    data set facts the driver read (`num_classes`, `num_train`), and `run_uri`."""
     job = parse_config(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
