@@ -3,6 +3,9 @@
 With no arguments it runs the embedded default: a local Ray, the built-in digits data set,
 output under ./runs/<name>/, a few minutes on a 2-core laptop. Under `ray job submit` (or with
 RAY_ADDRESS set) it runs on that cluster. Running the same job again resumes it.
+`--dry-run` starts nothing: it prints the resolved config and a preflight (data set size, the
+resources it will ask for, supernet size, the space's FLOPs range, estimated peak memory per
+worker) and fails on a job that cannot fit (`--cluster` checks against a cluster file).
 Exit codes: 0 done, 2 bad configuration or input (nothing written), 1 the run failed.
 """
 
@@ -10,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+import yaml
 
 from raydsnas.config import ConfigError, load_config
 from raydsnas.data.errors import DataError
@@ -26,6 +32,15 @@ def main(argv: list[str] | None = None) -> int:
                         "(repeatable; values are YAML: 0.2, [1,4], null, s3://bucket/runs)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the validated configuration and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and a preflight (resources, memory, "
+                        "FLOPs, data size); exit 2 if the job cannot fit. Starts nothing")
+    parser.add_argument("--cluster", metavar="FILE",
+                        help="with --dry-run: check against this cluster launcher YAML or KubeRay "
+                        "manifest (default: RAY_ADDRESS's cluster, else this machine)")
+    parser.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                        help="with --dry-run: memory of one GPU, when the cluster file does not "
+                        "say (e.g. KubeRay)")
     args = parser.parse_args(argv)
     try:
         job = load_config(args.config, args.overrides)
@@ -35,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(job.to_dict(), indent=2))
         return 0
+    if args.dry_run:
+        return dry_run(job, args.cluster, args.gpu_memory_gib)
+    if args.cluster or args.gpu_memory_gib:
+        parser.error("--cluster and --gpu-memory-gib go with --dry-run")
 
     from raydsnas.train.launcher import run_search  # imports Ray: after the config is valid
 
@@ -57,6 +76,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{outcome.record['params'] / 1e6:.3f}M params")
     print(f"  load it with:  raydsnas.load_child({outcome.subnet_uri!r})")
     return 0
+
+
+def dry_run(job, cluster: str | None, gpu_memory_gib: float | None) -> int:
+    """Print the resolved config and the preflight; 0 if the job fits, 2 if not."""
+    from raydsnas import preflight
+
+    print("# resolved configuration")
+    print(yaml.safe_dump(job.to_dict(), sort_keys=False).rstrip())
+    print("\n# preflight")
+    try:
+        if cluster:
+            capacity = preflight.load_cluster(cluster)
+        elif os.environ.get("RAY_ADDRESS"):
+            capacity = preflight.running_cluster_capacity(os.environ["RAY_ADDRESS"])
+        else:
+            capacity = preflight.local_capacity()
+        result = preflight.preflight(job, capacity, gpu_memory_gib=gpu_memory_gib)
+    except (ConfigError, DataError) as err:
+        print(f"raydsnas: preflight failed: {err}", file=sys.stderr)
+        return 2
+    print(preflight.render(result))
+    return 0 if result.ok else 2
 
 
 if __name__ == "__main__":

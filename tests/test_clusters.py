@@ -1,0 +1,120 @@
+"""The cluster files in clusters/ pass Ray's own validation (what `ray up` and KubeRay's in-tree
+autoscaler run on them) and keep their promises: autoscaling GPU workers from zero, spot as an
+option, the pinned Ray everywhere, no credentials, launch instructions at the top."""
+
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from packaging.requirements import Requirement
+from ray.autoscaler._private.kuberay.autoscaling_config import (
+    _derive_autoscaling_config_from_ray_cr,
+)
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from raydsnas.config import ConfigError
+from raydsnas.preflight import load_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ["aws.yaml", "gcp.yaml"]
+KUBERAY = ["kuberay-cluster.yaml", "kuberay-job.yaml"]
+SECRET = re.compile(r"(aws_secret_access_key|aws_access_key_id|secret_access_key|private_key"
+                    r"|AKIA[0-9A-Z]{16}|BEGIN [A-Z ]*PRIVATE KEY)", re.IGNORECASE)
+
+
+def ray_cluster_spec(path: Path) -> dict:
+    doc = yaml.safe_load(path.read_text())
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    return {"metadata": {"namespace": "default", **doc["metadata"]}, "spec": spec}
+
+
+def test_every_cluster_file_is_covered():
+    assert {p.name for p in (ROOT / "clusters").glob("*.yaml")} == set(LAUNCHER + KUBERAY)
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_yaml_passes_ray_schema(name):
+    raw = yaml.safe_load((ROOT / "clusters" / name).read_text())
+    config = prepare_config(raw)  # what `ray up` does before validating
+    validate_config(config)
+    workers = {k: v for k, v in config["available_node_types"].items()
+               if k != config["head_node_type"]}
+    assert config["available_node_types"][config["head_node_type"]]["resources"]["CPU"] == 0
+    assert all(v["min_workers"] == 0 for v in workers.values())
+    assert all(v["resources"]["GPU"] >= 1 for v in workers.values())
+    assert sum(v["max_workers"] for v in workers.values()) >= 2
+    spot = [v["node_config"] for v in workers.values()
+            if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+            or any(s.get("preemptible") for s in v["node_config"].get("scheduling", []))]
+    assert spot, "spot/preemptible workers are an option"
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+    setup = " ".join(config["setup_commands"])
+    assert "clusters/requirements.txt" in setup and "-e /home/ray/raydsnas" in setup
+    assert config["file_mounts"] == {"/home/ray/raydsnas": "."}
+
+
+def test_schema_rejects_a_broken_launcher_yaml(tmp_path):
+    raw = yaml.safe_load((ROOT / "clusters" / "aws.yaml").read_text())
+    raw["available_node_types"]["gpu_on_demand"]["max_wokers"] = 4  # a typo
+    with pytest.raises(Exception, match="max_wokers"):
+        validate_config(prepare_config(raw))
+    path = ROOT / "clusters" / "aws.yaml"
+    broken = path.read_text().replace("min_workers: 0\n    max_workers: 2",
+                                      "min_workers: 0\n    max_wokers: 2")
+    assert broken != path.read_text()
+    (tmp_path / "aws.yaml").write_text(broken)
+    with pytest.raises(ConfigError, match="max_wokers"):
+        load_cluster(tmp_path / "aws.yaml")
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_manifest_passes_ray_autoscaler(name):
+    doc = yaml.safe_load((ROOT / "clusters" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    spec = ray_cluster_spec(ROOT / "clusters" / name)
+    # KubeRay's in-tree autoscaler turns the spec into this config (and validates it) itself.
+    config = _derive_autoscaling_config_from_ray_cr(spec)
+    assert spec["spec"]["enableInTreeAutoscaling"] is True
+    assert spec["spec"]["rayVersion"] == ray.__version__
+    gpu = config["available_node_types"]["gpu"]
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 2 and gpu["resources"]["GPU"] == 8
+    assert config["available_node_types"]["headgroup"]["resources"]["CPU"] == 0
+    if doc["kind"] == "RayJob":
+        assert doc["spec"]["entrypoint"].startswith("python -m raydsnas.search --config jobs/")
+        assert (ROOT / doc["spec"]["entrypoint"].split("--config ")[1].split()[0]).is_file()
+
+
+@pytest.mark.parametrize("name", LAUNCHER + KUBERAY + ["Dockerfile"])
+def test_cluster_file_has_no_secrets_and_says_how_to_launch(name):
+    text = (ROOT / "clusters" / name).read_text()
+    assert not SECRET.search(text)
+    header = text.split("\n\n")[0]
+    launch = {"aws.yaml": "ray up clusters/aws.yaml", "gcp.yaml": "ray up clusters/gcp.yaml",
+              "kuberay-cluster.yaml": "kubectl apply -f clusters/kuberay-cluster.yaml",
+              "kuberay-job.yaml": "kubectl apply -f clusters/kuberay-job.yaml",
+              "Dockerfile": "docker build -f clusters/Dockerfile"}[name]
+    assert launch in header
+
+
+def test_pinned_requirements_satisfy_pyproject():
+    """clusters/requirements.txt pins one version of every dependency, inside pyproject's ranges,
+    with the Ray of the images and of this machine."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ranges = {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
+    pins = {}
+    for line in (ROOT / "clusters" / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pins[req.name.lower()] = spec.version
+    assert set(pins) == set(ranges)
+    for name, version in pins.items():
+        assert ranges[name].specifier.contains(version), (name, version, ranges[name])
+    assert pins["ray"] == ray.__version__
+    dockerfile = (ROOT / "clusters" / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-" in dockerfile

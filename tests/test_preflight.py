@@ -1,0 +1,130 @@
+"""`python -m raydsnas.search --dry-run`: the preflight's numbers against independent ones, and
+early failure on jobs that cannot fit."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydsnas.config import load_config
+from raydsnas.preflight import (
+    Capacity,
+    NodeType,
+    estimate_memory,
+    load_cluster,
+    preflight,
+    saved_activation_bytes,
+)
+from raydsnas.space import SearchSpace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "raydsnas.search", "--dry-run", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_default_dry_run_prints_the_facts():
+    out = dry_run()
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "name: dsnas-digits" in text  # the resolved config comes first
+    assert "builtin:digits: 1500 train / 297 val samples, 10 classes" in text
+    assert "23 steps/epoch x 10 epochs" in text  # 1500 // 64
+    space = load_config().space.build(10)
+    params = sum(p.numel() for p in space.supernet().parameters())
+    assert f"supernet:          {params / 1e6:.3f}M parameters" in text
+    lo, hi = space.flops(space.flops_table().smallest()), space.flops(space.flops_table().largest())
+    assert f"{lo / 1e6:.2f}M .. {hi / 1e6:.2f}M FLOPs" in text
+    assert "preflight: OK" in text
+    assert not (ROOT / "runs" / "dsnas-digits-never").exists()
+
+
+def test_imagenet_job_fits_every_cluster_file():
+    for cluster in ("aws", "gcp", "kuberay-cluster", "kuberay-job"):
+        job = load_config(ROOT / "jobs" / "imagenet.yaml", ["data.uri=synthetic:1000/2048/64"])
+        result = preflight(job, load_cluster(ROOT / "clusters" / f"{cluster}.yaml"),
+                           gpu_memory_gib=40)
+        assert result.ok, (cluster, result.problems)
+        assert result.worker_counts == (8, 8)
+        assert result.per_worker_resources == {"CPU": 8, "GPU": 1}
+        # The paper space's extremes (issue 2's table, from an independent forward-hook count).
+        assert round(result.flops_range[0] / 1e4) == 27036 and \
+            round(result.flops_range[1] / 1e4) == 39861
+
+
+def test_dry_run_fails_early_on_jobs_that_cannot_fit():
+    out = dry_run("--config", "jobs/imagenet.yaml", "--cluster", "clusters/aws.yaml",
+                  "--set", "data.uri=synthetic:1000/4096/64", "--set", "scaling.num_workers=24",
+                  "--set", "search.global_batch_size=1020")
+    assert out.returncode == 2
+    assert "search.global_batch_size = 1020 does not divide over 24 workers" in out.stdout
+    assert "needs 24 workers (24 GPUs); clusters/aws.yaml holds at most 16" in out.stdout
+    assert "preflight: FAILED (2 problem(s))" in out.stdout
+    # A GPU job on this CPU-only machine, without a cluster file.
+    out = dry_run("--config", "jobs/cifar-like.yaml", "--set", "data.uri=synthetic:10/512/64")
+    if not torch.cuda.is_available():
+        assert out.returncode == 2 and "no node of this machine" in out.stdout
+    # A batch too large for the GPU the user names.
+    out = dry_run("--config", "jobs/imagenet.yaml", "--cluster", "clusters/kuberay-cluster.yaml",
+                  "--set", "data.uri=synthetic:1000/65536/64", "--set",
+                  "search.global_batch_size=16384", "--gpu-memory-gib", "16")
+    assert out.returncode == 2 and "exceeds 80% of the GPU's 16 GiB" in out.stdout
+    # An unreachable data set names its URL; a bad cluster file names itself.
+    out = dry_run("--set", "data.uri=/nonexistent/shards")
+    assert out.returncode == 2 and "/nonexistent/shards" in out.stderr
+    out = dry_run("--cluster", "clusters/missing.yaml")
+    assert out.returncode == 2 and "clusters/missing.yaml" in out.stderr
+
+
+def test_activation_estimate_is_affine_and_matches_a_measurement():
+    """The estimate extrapolates from batches 2 and 4; a measurement at batch 6 agrees."""
+    space = SearchSpace(num_classes=10, input_size=16, width_mult=0.5, stage_repeats=(1, 1, 2, 1),
+                        stem_stride=1, dropout=0.0)
+    arch = space.flops_table().largest()
+    est = estimate_memory(space, 6, world=1)
+    measured = saved_activation_bytes(space, arch, 6)
+    assert abs(est.activations - measured) <= 0.02 * measured
+    params = sum(p.numel() for p in space.supernet().parameters())
+    assert est.weights == est.optimizer == 4 * params
+    assert est.gradients == 4 * space.params(arch)
+    # Two workers also hold the all-reduce buffer of the path's gradients.
+    assert estimate_memory(space, 6, world=2).gradients == 2 * est.gradients
+
+
+def test_capacity_counts_workers_per_node_and_the_global_limit():
+    gpu = NodeType("gpu", {"CPU": 96, "GPU": 8}, max_nodes=3)
+    small = NodeType("small", {"CPU": 8, "GPU": 1}, max_nodes=10)
+    head = NodeType("head", {"CPU": 0}, 1)
+    cap = Capacity("c", [head, gpu, small], max_worker_nodes=4)
+    # The 8-GPU nodes first (3 x 8), then one 1-GPU node under the global limit of 4 nodes.
+    assert cap.workers_fit({"CPU": 8, "GPU": 1}) == (25, ["gpu", "small"])
+    assert cap.workers_fit({"CPU": 16, "GPU": 2})[0] == 3 * 4
+    assert cap.workers_fit({"CPU": 1, "GPU": 16}) == (0, [])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_passes_its_preflight(path):
+    """Each shipped job fits the cluster it is written for (data swapped for a synthetic set of
+    the same size class, since the buckets are placeholders)."""
+    import yaml
+
+    from raydsnas.config import parse_config
+    from raydsnas.tune import load_sweep
+
+    raw = yaml.safe_load(path.read_text())
+    sweep = "sweep" in raw
+    if raw["scaling"].get("use_gpu"):
+        overrides = ["data.uri=synthetic:1000/65536/64"]
+        job = parse_config(load_sweep(str(path), overrides)[0]) if sweep else load_config(path, overrides)
+        result = preflight(job, load_cluster(ROOT / "clusters" / "aws.yaml"))
+    else:
+        job = parse_config(load_sweep(str(path))[0]) if sweep else load_config(path)
+        result = preflight(job, Capacity("laptop", [NodeType("head", {"CPU": 2}, 1)],
+                                         autoscaling=False))
+    assert result.ok, result.problems
