@@ -12,6 +12,8 @@ same schedule whatever W is, and an elastic resize continues the same recipe.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import types
 import typing
@@ -213,6 +215,8 @@ def parse_config(raw: Mapping[str, Any]) -> JobConfig:
     if isinstance(storage_raw, str):
         storage_raw = {"uri": storage_raw}
     storage = _parse_storage(_mapping("storage", storage_raw))
+    storage = StorageSection(anchor_local_storage(storage.uri), storage.options,
+                             storage.keep_checkpoints)
     if scaling.sync_bn and search.dsnas.get("sampling", "shared") == "per_rank":
         raise ConfigError("scaling.sync_bn = true is not allowed with search.sampling = "
                           "'per_rank': ranks run different blocks, so their BatchNorm "
@@ -231,6 +235,33 @@ def parse_config(raw: Mapping[str, Any]) -> JobConfig:
               "storage": {"uri": storage.uri, "options": dict(storage.options),
                           "keep_checkpoints": storage.keep_checkpoints}}
     return JobConfig(name, space, data, search, scaling, storage, source)
+
+
+def submitted_with_working_dir() -> bool:
+    """True inside a `ray job submit --working-dir ...` job: its current directory is Ray's
+    temporary copy of the submitter's folder, deleted some time after the job ends."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return False
+    try:
+        return bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def anchor_local_storage(uri: str) -> str:
+    """A local `storage.uri` as an absolute path (workers run in other directories).
+
+    A relative path is taken from the current directory, except in a job submitted with
+    `--working-dir`, where it is taken from the home directory of the node the driver runs on
+    (`./runs` -> `~/runs`): the current directory there is a temporary copy that Ray deletes.
+    """
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    path = os.path.expanduser(uri.removeprefix("file://"))
+    if not os.path.isabs(path) and submitted_with_working_dir():
+        path = os.path.join(os.path.expanduser("~"), path)
+    return os.path.abspath(path)
 
 
 def _section(raw: Mapping[str, Any], name: str) -> dict:

@@ -1,0 +1,90 @@
+"""`ray job submit --working-dir . -- python -m raydsnas.search --config jobs/local.yaml` against a
+real head started with `ray start --head --block` (its own process group, so stopping it stops
+exactly this cluster): the job SUCCEEDS, the child network lands in the head's home directory
+(the job's working directory is Ray's temporary copy), and it loads and runs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydsnas import load_child
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, f"ray start exited with {head.returncode}"
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the dashboard at {url} did not come up in {timeout} s")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+               RAYDSNAS_CACHE=str(tmp_path / "cache"), GLOO_SOCKET_IFNAME="lo")
+    dashboard = f"http://127.0.0.1:{free_port()}"
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats"],
+        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_dashboard(dashboard, head)
+        submission = f"raydsnas-test-{uuid.uuid4().hex[:8]}"
+        # The README's command, plus a submission id and a shorter run.
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", ".",
+             "--submission-id", submission, "--",
+             "python", "-m", "raydsnas.search", "--config", "jobs/local.yaml",
+             "--set", "search.epochs=1", "--set", "search.max_steps_per_epoch=6",
+             "--set", "search.bn_recalibration_batches=2"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+        with urllib.request.urlopen(f"{dashboard}/api/jobs/{submission}", timeout=10) as r:
+            assert json.loads(r.read())["status"] == "SUCCEEDED"
+        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", dashboard,
+                               submission], env=env, capture_output=True, text=True, timeout=60)
+        subnet = home / "runs" / "dsnas-digits" / "subnet"
+        assert f"child network: {subnet}" in logs.stdout, logs.stdout[-3000:]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+
+    record = json.loads((subnet / "arch.json").read_text())
+    assert record["meta"]["steps"] == 6 and 0 <= record["meta"]["top1"] <= 1
+    model = load_child(str(subnet))
+    images = torch.randn(3, 3, 32, 32)
+    logits = model(images)
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
