@@ -44,7 +44,13 @@ class ConfigError(ValueError):
 class SpaceSection:
     """`preset` (cifar: 32x32, stem stride 1; imagenet: 224; custom: all defaults of
     `SearchSpace`) plus any `SearchSpace` field to override. `num_classes: auto` takes the
-    number of classes of the data set."""
+    number of classes of the data set.
+
+    Attributes:
+        preset: `cifar` (32x32 input, stem stride 1, no dropout), `imagenet` (the paper's
+            224x224 space) or `custom` (`SearchSpace` defaults; set the fields yourself).
+        num_classes: classifier outputs; `auto` takes the data set's class count.
+    """
 
     preset: str = "cifar"
     num_classes: int | str = "auto"
@@ -92,7 +98,22 @@ class SearchSection:
 
 @dataclass(frozen=True)
 class ScalingSection:
-    """How many Ray Train workers (an int, or `[min, max]` for elastic training) and of what."""
+    """How many Ray Train workers (an int, or `[min, max]` for elastic training) and of what.
+
+    Attributes:
+        num_workers: data-parallel workers: a number, or `[min, max]` for elastic training
+            (Ray Train V2 starts with what the cluster has, at least `min`, and grows to `max`
+            as nodes join; the global batch and the schedule stay the same).
+        use_gpu: one GPU per worker (NCCL, bf16 autocast, channels_last); false: CPU and gloo.
+        cpus_per_worker: CPUs reserved per worker (also its torch threads on CPU). Leave CPUs
+            free on each node for Ray Data's read and decode tasks.
+        gpus_per_worker: GPUs per worker when `use_gpu` (1 for data parallelism).
+        max_failures: worker-group restarts (from the last checkpoint) before the run fails;
+            covers spot reclaims and crashed workers.
+        sync_bn: BatchNorm statistics over the global batch (all workers) instead of each
+            worker's slice; needs `search.sampling: shared`.
+        elastic_resize_interval_s: how often an elastic run checks whether it could grow.
+    """
 
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
@@ -111,7 +132,17 @@ class ScalingSection:
 class StorageSection:
     """Where runs go: a local folder or `s3://bucket/prefix`. Credentials never go here: they
     come from the environment (AWS_*) or the cloud role. `options` takes e.g. `endpoint_url`,
-    `region`, `anonymous`."""
+    `region`, `anonymous`.
+
+    Attributes:
+        uri: a folder or `s3://bucket/prefix` (`gs://` with the `gcp` extra); the run writes
+            `<uri>/<name>/`. A relative folder is taken from the current directory, or from the
+            head node's home directory in a `ray job submit --working-dir` job. Multi-node runs
+            need object storage (every node writes checkpoints there).
+        options: object-store options: `endpoint_url`, `region`, `anonymous`, ... (never keys:
+            credentials come from AWS_* variables or the instance role).
+        keep_checkpoints: how many of the latest checkpoints Ray Train keeps.
+    """
 
     uri: str = "./runs"
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -51,6 +51,22 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass(frozen=True)
 class SweepConfig:
+    """The `sweep` section of a sweep config (the rest is a search job's config).
+
+    Attributes:
+        params: dotted job key -> `{grid: [...]}`, `{choice: [...]}`, `{uniform: [lo, hi]}` or
+            `{loguniform: [lo, hi]}`; every value (or range end) is validated on the job first.
+        num_samples: samples of the random params (grids are crossed with them).
+        max_concurrent_trials: trials running at once (each asks for its `scaling` workers).
+        metric: what ranks the trials: the exported child's `child_val_top1`, or any metric
+            the search reports.
+        mode: `max` or `min` for `metric`.
+        scheduler: null, or `{type: asha, metric, mode, grace_period, reduction_factor}` to stop
+            weak trials early on a metric reported every epoch (e.g. `val_top1`).
+        trial_resources: what each trial's driver asks for (its Train workers ask for
+            `scaling`); a CPU here would starve Ray Data on a small machine.
+    """
+
     params: Mapping[str, tuple[str, list]]
     num_samples: int = 1
     max_concurrent_trials: int = 1

@@ -48,7 +48,9 @@ def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-               RAYDSNAS_CACHE=str(tmp_path / "cache"), GLOO_SOCKET_IFNAME="lo")
+               GLOO_SOCKET_IFNAME="lo")
+    env.pop("RAYDSNAS_CACHE", None)
+    cache = tmp_path / "cache"  # reaches the job through its runtime environment only
     dashboard = f"http://127.0.0.1:{free_port()}"
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
@@ -59,10 +61,11 @@ def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
     try:
         wait_for_dashboard(dashboard, head)
         submission = f"raydsnas-test-{uuid.uuid4().hex[:8]}"
-        # The README's command, plus a submission id and a shorter run.
+        # The README's command, plus a submission id, a runtime environment and a shorter run.
+        runtime_env = {"env_vars": {"RAYDSNAS_CACHE": str(cache)}}
         submit = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", ".",
-             "--submission-id", submission, "--",
+             "--submission-id", submission, "--runtime-env-json", json.dumps(runtime_env), "--",
              "python", "-m", "raydsnas.search", "--config", "jobs/local.yaml",
              "--set", "search.epochs=1", "--set", "search.max_steps_per_epoch=6",
              "--set", "search.bn_recalibration_batches=2"],
@@ -82,6 +85,7 @@ def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
 
+    assert (cache / "builtin").is_dir()  # the job saw the runtime environment's variable
     record = json.loads((subnet / "arch.json").read_text())
     assert record["meta"]["steps"] == 6 and 0 <= record["meta"]["top1"] <= 1
     model = load_child(str(subnet))

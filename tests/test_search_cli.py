@@ -6,6 +6,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,3 +120,18 @@ def test_default_run_with_no_arguments_writes_an_accurate_child(tmp_path):
     top1 = child.meta["meta"]["top1"]
     assert top1 > 0.6  # 10 classes: chance is 0.1
     assert (tmp_path / "runs" / "dsnas-digits" / "events").is_dir()
+
+    # The README's next steps on this run: verify and run the artifact from the command line,
+    # and TensorBoard reads the events (what `tensorboard --logdir` shows).
+    cli = subprocess.run([sys.executable, "-m", "raydsnas.export", "runs/dsnas-digits/subnet"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["arch"] == list(child.arch)
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    events = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "runs"))
+    events.Reload()
+    tags = {tag for run in events.Runs().values() for tag in run.get("scalars", [])}
+    assert {"entropy", "frozen", "train_loss", "val_top1"} <= tags, tags
+    images = {tag for run in events.Runs().values() for tag in run.get("images", [])}
+    assert images, "the alpha heatmap"

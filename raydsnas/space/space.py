@@ -49,6 +49,23 @@ class SearchSpace:
 
     Defaults are the ImageNet space of the paper: 224x224 input, stem 3x3 s2 -> 16, stages
     [4, 4, 8, 4] with 64/160/320/640 channels, head 1x1 -> 1024, 4 candidates per layer.
+
+    Attributes:
+        num_classes: classifier outputs.
+        input_size: side of the square input images (must match `data.image_size`).
+        width_mult: multiplies every channel count (rounded to multiples of 4); 0.5 halves
+            the network's width, a quarter of its FLOPs.
+        stage_repeats: choice layers per stage; their sum is the number of searched layers
+            (20 in the paper).
+        stage_channels: output channels of each stage (before `width_mult`).
+        stem_channels: channels of the 3x3 stem convolution.
+        head_channels: channels of the final 1x1 convolution before pooling.
+        stem_stride: 2 for ImageNet-sized inputs, 1 for 32x32 (keeps resolution).
+        dropout: dropout before the classifier.
+        in_channels: input image channels.
+        choices: the candidate blocks of every layer, a subset of `choice_3`, `choice_5`,
+            `choice_7` (ShuffleNetV2 blocks with 3x3/5x5/7x7 depthwise kernels) and
+            `choice_x` (the Xception-like block of three 3x3 depthwise convolutions).
     """
 
     num_classes: int = 1000

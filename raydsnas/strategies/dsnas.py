@@ -35,6 +35,31 @@ class DSNASConfig:
 
     `lr` is the weight learning rate for the *global* batch (the paper: 0.5 at batch 1024; the
     job scales it linearly). Epoch-valued settings are converted to steps with `steps_per_epoch`.
+
+    Attributes:
+        h: early-stop threshold: a layer freezes on its top choice once p_top1 - p_top2 >= h
+            (its other candidates are pruned; the paper: 0.3).
+        lr: weight SGD learning rate at `lr_reference_batch` (cosine decay after warm-up).
+        momentum: weight SGD momentum.
+        weight_decay: weight decay of conv and linear weights (not BN parameters or biases).
+        alpha_lr: Adam learning rate of the architecture parameters alpha.
+        alpha_betas: Adam betas of alpha (the paper: 0.5, 0.999).
+        alpha_init_std: alpha starts at 1 + N(0, alpha_init_std) per entry.
+        label_smoothing: label smoothing of the cross-entropy loss.
+        epochs: search epochs (set by `search.epochs`).
+        steps_per_epoch: set by the job from the data set size and the global batch.
+        warmup_epochs: linear learning-rate warm-up before the cosine schedule.
+        pretrain_epochs: epochs of uniform path sampling with alpha still, before the search.
+        freeze_check_every: steps between early-stop checks (null: once an epoch).
+        flops_budget: multiply-adds; while E_p[FLOPs] exceeds it, alpha also gets the exact
+            gradient of `flops_coef * E_p[FLOPs] / flops_budget` (null: no cost term).
+        flops_coef: weight of that FLOPs term.
+        sampling: `shared` (every worker runs the same path: W workers compute the update of
+            one worker with the whole batch) or `per_rank` (each worker samples its own path:
+            more samples of Z per step, as the paper's code does).
+        seed: seed of the weight initialisation, alpha's initialisation and path sampling.
+        amp: bf16 autocast on GPUs that support it (ignored on CPU).
+        channels_last: channels-last memory format on GPU (ignored on CPU).
     """
 
     h: float = 0.3

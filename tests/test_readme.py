@@ -1,0 +1,129 @@
+"""The README stays true: its config reference is what the config classes generate, every key is
+documented, and every command in it is run here or by a named test (or by .ci/run); commands
+that need a cloud account are covered by validating the files they take."""
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from raydsnas import reference
+from raydsnas.data.builtin import builtin_shard_set
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+# README command (regex) -> where it is exercised: "this file", ".ci/run", or tests that run it
+# (or, for cloud commands, that validate exactly the files it takes).
+COVERAGE = {
+    r"pip install -e '\.\[test\]'": [".ci/run"],
+    r"python -m pytest -q": [".ci/run"],
+    r"python -m raydsnas\.search": [
+        "tests/test_search_cli.py::test_default_run_with_no_arguments_writes_an_accurate_child"],
+    r"python -m raydsnas\.data\.shard /data/imagenet/train s3://\S+ --val-src \S+": [
+        "tests/data/test_shards.py::test_cli_writes_a_shard_set",
+        "tests/data/test_shards.py::test_s3_round_trip_gives_original_pixels_and_labels"],
+    r"python -m raydsnas\.search --config jobs/imagenet\.yaml --dry-run --cluster clusters/aws\.yaml": [
+        "tests/test_readme.py::test_readme_dry_run_on_s3_shards"],
+    r"ray up clusters/aws\.yaml|ray dashboard clusters/aws\.yaml": [
+        "tests/test_clusters.py::test_launcher_yaml_passes_ray_schema"],
+    r"docker build -f clusters/Dockerfile .*": [
+        "tests/test_clusters.py::test_pinned_requirements_satisfy_pyproject"],
+    r"kubectl apply -f clusters/kuberay-cluster\.yaml|kubectl port-forward service/raydsnas-head-svc 8265:8265": [
+        "tests/test_clusters.py::test_kuberay_manifest_passes_ray_autoscaler"],
+    r"ray job submit --address http://127\.0\.0\.1:8265 --working-dir \. (--runtime-env-json .* )?-- python -m raydsnas\.search --config jobs/\S+\.yaml": [
+        "tests/test_job_submit.py::test_ray_job_submit_runs_the_local_job_on_a_real_head",
+        "tests/test_preflight.py::test_every_job_passes_its_preflight"],
+    r"python -m raydsnas\.tune --config jobs/local-sweep\.yaml": [
+        "tests/test_tune.py::test_asha_stops_trials_early_and_the_following_trials_still_run"],
+    r"ray job submit --address http://127\.0\.0\.1:8265 --working-dir \. -- python -m raydsnas\.tune --config jobs/imagenet-sweep\.yaml": [
+        "tests/test_job_submit.py::test_ray_job_submit_runs_the_local_job_on_a_real_head",
+        "tests/test_job_configs.py::test_job_config_is_valid"],
+    r"tensorboard --logdir runs/digits-sweep": [
+        "tests/test_search_cli.py::test_default_run_with_no_arguments_writes_an_accurate_child"],
+    r"python -m raydsnas\.report runs/digits-sweep -o sweep\.html": [
+        "tests/test_tune.py::test_html_report_renders_the_sweep_and_a_run_with_every_plot"],
+    r"python -m raydsnas\.export runs/dsnas-digits/subnet": [
+        "tests/test_search_cli.py::test_default_run_with_no_arguments_writes_an_accurate_child"],
+    r"python -m raydsnas\.search --config jobs/local\.yaml --set search\.h=0\.2 --print-config": [
+        "tests/test_readme.py::test_readme_print_config"],
+}
+
+
+def readme_commands() -> list[str]:
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    return commands
+
+
+def test_config_reference_in_readme_is_generated_from_the_classes():
+    block = README.split(reference.START, 1)[1].split(reference.END, 1)[0]
+    assert block.strip() == reference.render().strip(), \
+        "README's config reference is stale: run python -m raydsnas.reference --update README.md"
+    assert reference.undocumented() == []
+    for key in ("search.h", "search.global_batch_size", "data.uri", "scaling.num_workers",
+                "storage.uri", "space.width_mult", "sweep.params"):
+        assert f"| `{key}` |" in block
+
+
+def test_every_readme_command_is_exercised():
+    commands = readme_commands()
+    assert len(commands) >= 15
+    for command in commands:
+        matches = [p for p in COVERAGE if re.fullmatch(p, command)]
+        assert len(matches) == 1, f"README command not covered (or covered twice): {command}"
+    ci = (ROOT / ".ci" / "run").read_text()
+    for pattern, where in COVERAGE.items():
+        assert any(re.fullmatch(pattern, c) for c in commands), f"stale coverage entry {pattern}"
+        for item in where:
+            if item == ".ci/run":
+                assert re.search(pattern, ci), pattern
+                continue
+            path, name = item.split("::")
+            tree = ast.parse((ROOT / path).read_text())
+            names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+            assert name in names, f"{item} does not exist"
+
+
+def test_readme_print_config():
+    (command,) = [c for c in readme_commands() if c.endswith("--print-config")]
+    out = subprocess.run(command.split(), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                              f"{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)
+    assert config["search"]["h"] == 0.2 and config["name"] == "dsnas-digits"
+
+
+def test_readme_dry_run_on_s3_shards(s3_server, tmp_path):
+    """The README's dry run, word for word, against `s3://my-bucket/imagenet-shards` on the
+    loopback S3 server (holding the digits' shards), reached through AWS_ENDPOINT_URL as a user
+    would reach MinIO."""
+    (command,) = [c for c in readme_commands() if "--dry-run" in c]
+    fs = s3_server.filesystem()
+    fs.create_dir("my-bucket")
+    local = builtin_shard_set("digits")
+    pafs.copy_files(local, "my-bucket/imagenet-shards", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(command.split(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "s3://my-bucket/imagenet-shards: 1500 train / 297 val samples, 10 classes" in out.stdout
+    assert "workers:           8, each 8 CPU, 1 GPU" in out.stdout
+    assert "preflight: OK" in out.stdout
+    # The README quotes the run's figures: the same lines (for 1000 classes) come out here.
+    readme_lines = [line for line in README.splitlines() if line.startswith("batch:  ")]
+    assert readme_lines and readme_lines[0] in out.stdout
