@@ -23,13 +23,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
-from raydsnas.config import ConfigError, JobConfig
 from raydsnas.space import SearchSpace
+
+if TYPE_CHECKING:  # the config (and Ray Data) are not needed to estimate memory on a GPU box
+    from raydsnas.config import JobConfig
 
 GiB = 2**30
 HEADROOM = 0.8  # the estimate must fit in this fraction of a device's memory
@@ -123,6 +125,8 @@ def load_cluster(path: str | Path) -> Capacity:
     """The capacity of a Ray cluster launcher YAML or a KubeRay RayCluster/RayJob manifest, read
     and validated with Ray's own autoscaler code (a file `ray up` would reject fails here)."""
     from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from raydsnas.config import ConfigError
 
     try:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]

@@ -92,43 +92,45 @@ operator. The knobs, from most to least useful:
 - The object store itself: `ray start --object-store-memory`; excess spills to disk.
 """
 
-from raydsnas.data.builtin import BUILTIN_SETS, builtin_shard_set
-from raydsnas.data.errors import (
-    AccessDeniedError,
-    CorruptImageError,
-    DataError,
-    DataSpecError,
-    EndpointUnreachableError,
-    LabelOutOfRangeError,
-    MissingCredentialsError,
-    ShardFormatError,
-    ShardSetNotFoundError,
-    SourceFolderError,
-    StorageError,
-    StorageOptionsError,
-)
-from raydsnas.data.format import Manifest, ShardEntry, SplitInfo
-from raydsnas.data.pipeline import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DataSets,
-    DataSpec,
-    SkippedImages,
-    build_datasets,
-    execution_options,
-    iter_train_batches,
-    local_shuffle_seed,
-    normalize,
-)
-from raydsnas.data.storage import (
-    redact_storage_options,
-    resolve_filesystem,
-    storage_errors,
-    write_bytes_atomic,
-)
-from raydsnas.data.writer import WriteReport, write_shards
+# Names resolve lazily (PEP 562), so that `import raydsnas` (e.g. to load a child network with
+# `load_child`) does not import Ray: only the pipeline and the writer need it.
+_EXPORTS = {
+    "BUILTIN_SETS": "raydsnas.data.builtin",
+    "builtin_shard_set": "raydsnas.data.builtin",
+    "AccessDeniedError": "raydsnas.data.errors",
+    "CorruptImageError": "raydsnas.data.errors",
+    "DataError": "raydsnas.data.errors",
+    "DataSpecError": "raydsnas.data.errors",
+    "EndpointUnreachableError": "raydsnas.data.errors",
+    "LabelOutOfRangeError": "raydsnas.data.errors",
+    "MissingCredentialsError": "raydsnas.data.errors",
+    "ShardFormatError": "raydsnas.data.errors",
+    "ShardSetNotFoundError": "raydsnas.data.errors",
+    "SourceFolderError": "raydsnas.data.errors",
+    "StorageError": "raydsnas.data.errors",
+    "StorageOptionsError": "raydsnas.data.errors",
+    "Manifest": "raydsnas.data.format",
+    "ShardEntry": "raydsnas.data.format",
+    "SplitInfo": "raydsnas.data.format",
+    "DataSets": "raydsnas.data.pipeline",
+    "DataSpec": "raydsnas.data.pipeline",
+    "IMAGENET_MEAN": "raydsnas.data.pipeline",
+    "IMAGENET_STD": "raydsnas.data.pipeline",
+    "SkippedImages": "raydsnas.data.pipeline",
+    "build_datasets": "raydsnas.data.pipeline",
+    "execution_options": "raydsnas.data.pipeline",
+    "iter_train_batches": "raydsnas.data.pipeline",
+    "local_shuffle_seed": "raydsnas.data.pipeline",
+    "normalize": "raydsnas.data.pipeline",
+    "redact_storage_options": "raydsnas.data.storage",
+    "resolve_filesystem": "raydsnas.data.storage",
+    "storage_errors": "raydsnas.data.storage",
+    "write_bytes_atomic": "raydsnas.data.storage",
+    "WriteReport": "raydsnas.data.writer",
+    "write_shards": "raydsnas.data.writer",
+}
 
-__all__ = [
+__all__ = [  # noqa: F822 (resolved by __getattr__)
     "BUILTIN_SETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -163,3 +165,18 @@ __all__ = [
     "write_bytes_atomic",
     "write_shards",
 ]
+
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'raydsnas.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
