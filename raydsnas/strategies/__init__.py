@@ -14,11 +14,13 @@ from raydsnas.strategies.collective import (
                                             default_collective,
 )
 from raydsnas.strategies.dsnas import DSNAS, DSNASConfig, StepStats, dsnas_alpha_grad
+from raydsnas.strategies.proxyless import ProxylessConfig, ProxylessNAS
 from raydsnas.strategies.snas import SNAS, SNASConfig
 
 STRATEGIES: dict[str, tuple[type, type]] = {
     "dsnas": (DSNASConfig, DSNAS),
     "snas": (SNASConfig, SNAS),
+    "proxyless": (ProxylessConfig, ProxylessNAS),
 }
 
 
@@ -31,7 +33,7 @@ def build_strategy(name: str, space, config: Any, *, device="cpu",
     return STRATEGIES[name][1](space, config, device=device, collective=collective)
 
 
-__all__ = ["DSNAS", "SNAS", "STRATEGIES", "Collective", "DSNASConfig", "LocalCollective",
+__all__ = ["DSNAS", "SNAS", "ProxylessConfig", "ProxylessNAS", "STRATEGIES", "Collective", "DSNASConfig", "LocalCollective",
            "SNASConfig", "SearchStrategy", "StepStats", "SupernetTrainer", "TensorBatches",
            "TorchDistributedCollective", "TrainingConfig", "build_strategy", "default_collective",
            "dsnas_alpha_grad"]
