@@ -2,6 +2,8 @@
 torch: their gradients against independent computations, the EA's constraint, determinism and
 quality, and that each exports the same child artifact as DSNAS, equal to its own `predict`."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,7 +83,9 @@ def test_snas_hard_option_forwards_one_hot_and_temperature_anneals():
 
 # -- every strategy ----------------------------------------------------------------------------
 def strategy_config(name: str):
-    extra = {"snas": {}, "dsnas": {}}.get(name, {})
+    extra = {"spos": dict(population=4, iterations=2, top_k=2, mutations=2, crossovers=2,
+                          bn_batches=2),
+             "random": dict(num_samples=3, bn_batches=2)}.get(name, {})
     return STRATEGIES[name][0](**TRAIN, **extra)
 
 
@@ -150,3 +154,81 @@ def test_proxyless_two_path_gate_gradient_and_alpha_update_match_an_independent_
     off_pair = torch.ones_like(p_before, dtype=torch.bool).scatter(1, pairs, False)
     torch.testing.assert_close(p_after[off_pair], p_before[off_pair], rtol=1e-5, atol=1e-7)
     assert (p_after - p_before).abs().max() > 1e-4
+
+
+# -- SPOS and random search --------------------------------------------------------------------
+SEARCH_SPACE = SearchSpace.cifar(10, width_mult=0.25, stage_repeats=(2, 2, 4, 2))
+
+
+def toy_fitness(target, log):
+    """Layers matching `target` (ties: fewer FLOPs), recording every evaluated arch."""
+    def fitness(arch):
+        log.append(list(arch))
+        return sum(a == t for a, t in zip(arch, target)), -SEARCH_SPACE.flops(arch)
+    return fitness
+
+
+def test_evolution_search_respects_the_limit_is_deterministic_and_beats_random_search():
+    from raydsnas.strategies.spos import evolution_search, random_search
+
+    table = SEARCH_SPACE.flops_table()
+    limit = (table.total(table.smallest()) + table.total(table.largest())) / 2
+    gen = torch.Generator().manual_seed(11)
+    target = None
+    while target is None or SEARCH_SPACE.flops(target) > limit:
+        target = torch.randint(4, (SEARCH_SPACE.num_layers,), generator=gen).tolist()
+    settings = dict(flops_limit=limit, population=20, iterations=10, top_k=5, mutations=10,
+                    crossovers=10, mutation_prob=0.1, seed=3)
+    log_a, log_b, log_r = [], [], []
+    a = evolution_search(SEARCH_SPACE, toy_fitness(target, log_a), **settings)
+    b = evolution_search(SEARCH_SPACE, toy_fitness(target, log_b), **settings)
+    assert log_a == log_b and a.arch == b.arch  # deterministic for a seed
+    assert len(log_a) == len({tuple(x) for x in log_a}) <= 20 * 10  # each arch scored once
+    assert all(SEARCH_SPACE.flops(arch) <= limit for arch in log_a)
+    assert SEARCH_SPACE.flops(a.arch) <= limit
+    r = random_search(SEARCH_SPACE, toy_fitness(target, log_r), num_samples=len(log_a),
+                      flops_limit=limit, seed=3)
+    assert all(SEARCH_SPACE.flops(arch) <= limit for arch in log_r)
+    assert len(log_r) == len(log_a)
+    assert a.score[0] >= 9 and a.score[0] > r.score[0]  # 10 layers; random reaches ~6
+    assert evolution_search(SEARCH_SPACE, toy_fitness(target, []), **{**settings, "seed": 4}
+                            ).evaluated != a.evaluated
+
+
+@pytest.mark.parametrize("name, phase", [("spos", "finetune"), ("random", "retrain")])
+def test_one_shot_search_picks_under_the_limit_then_trains_the_child_alone(name, phase, tmp_path):
+    table = SPACE.flops_table()
+    limit = (table.total(table.smallest()) + table.total(table.largest())) / 2
+    cfg = {**TRAIN, **{"spos": dict(population=4, iterations=2, top_k=2, mutations=2,
+                                    crossovers=2), "random": dict(num_samples=4)}[name]}
+    s = build_strategy(name, SPACE, STRATEGIES[name][0](
+        **cfg, bn_batches=2, flops_limit=limit, flops_max=limit * 1.1, final_phase=phase,
+        final_epochs=1))
+    data = tiny_data()
+    assert s.extra_epochs == 1
+    for epoch in range(2):
+        for images, labels in data.train(epoch):
+            s.step(images, labels)
+    metrics = s.end_search(data, 2)
+    assert all(SPACE.flops(e["arch"]) <= limit for e in s.search_log)
+    assert metrics["search_evaluated"] == len(s.search_log) >= 4
+    best = max(s.search_log, key=lambda e: (e["top1"], -e["loss"]))
+    assert s.argmax_arch() == best["arch"] and metrics["search_flops"] <= limit
+    # The final phase trains the chosen child only: the supernet holds one block per layer.
+    assert all(len(layer) == 1 for layer in s.supernet.layers)
+    before = {k: v.clone() for k, v in s.supernet.state_dict().items()}
+    state = copy.deepcopy(s.state_dict())  # tensors, not references into the live modules
+    for images, labels in data.train(2):
+        assert s.step(images, labels).path == best["arch"]
+    after = s.supernet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    resumed = build_strategy(name, SPACE, s.config)
+    resumed.load_state_dict(state)
+    for images, labels in data.train(2):
+        resumed.step(images, labels)
+    for k, v in s.supernet.state_dict().items():
+        torch.testing.assert_close(resumed.supernet.state_dict()[k], v)
+    x, _ = batch(7)
+    loaded = load_child(save_child(s.export_child(), str(tmp_path / "c"), program=False))
+    torch.testing.assert_close(loaded(x), s.predict(x), rtol=1e-5, atol=1e-6)

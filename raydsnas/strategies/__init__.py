@@ -16,11 +16,14 @@ from raydsnas.strategies.collective import (
 from raydsnas.strategies.dsnas import DSNAS, DSNASConfig, StepStats, dsnas_alpha_grad
 from raydsnas.strategies.proxyless import ProxylessConfig, ProxylessNAS
 from raydsnas.strategies.snas import SNAS, SNASConfig
+from raydsnas.strategies.spos import SPOS, RandomSearch, RandomSearchConfig, SPOSConfig
 
 STRATEGIES: dict[str, tuple[type, type]] = {
     "dsnas": (DSNASConfig, DSNAS),
     "snas": (SNASConfig, SNAS),
     "proxyless": (ProxylessConfig, ProxylessNAS),
+    "spos": (SPOSConfig, SPOS),
+    "random": (RandomSearchConfig, RandomSearch),
 }
 
 
@@ -33,7 +36,8 @@ def build_strategy(name: str, space, config: Any, *, device="cpu",
     return STRATEGIES[name][1](space, config, device=device, collective=collective)
 
 
-__all__ = ["DSNAS", "SNAS", "ProxylessConfig", "ProxylessNAS", "STRATEGIES", "Collective", "DSNASConfig", "LocalCollective",
+__all__ = ["DSNAS", "SNAS", "SPOS", "ProxylessConfig", "ProxylessNAS", "RandomSearch",
+           "RandomSearchConfig", "SPOSConfig", "STRATEGIES", "Collective", "DSNASConfig", "LocalCollective",
            "SNASConfig", "SearchStrategy", "StepStats", "SupernetTrainer", "TensorBatches",
            "TorchDistributedCollective", "TrainingConfig", "build_strategy", "default_collective",
            "dsnas_alpha_grad"]
