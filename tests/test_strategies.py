@@ -232,3 +232,31 @@ def test_one_shot_search_picks_under_the_limit_then_trains_the_child_alone(name,
     x, _ = batch(7)
     loaded = load_child(save_child(s.export_child(), str(tmp_path / "c"), program=False))
     torch.testing.assert_close(loaded(x), s.predict(x), rtol=1e-5, atol=1e-6)
+
+
+# -- configuration -----------------------------------------------------------------------------
+def test_config_selects_the_strategy_and_names_foreign_or_bad_keys():
+    from raydsnas.config import ConfigError, load_config
+
+    job = load_config(None, ["search.strategy=spos", "search.flops_limit=2000000",
+                             "search.final_phase=finetune", "search.final_epochs=2"])
+    cfg = job.search.strategy_config(steps_per_epoch=3, lr=0.1)
+    assert type(cfg).__name__ == "SPOSConfig" and cfg.population == 50 and cfg.final_epochs == 2
+    # The embedded default's DSNAS keys (h, freeze_check_every) do not get in the way.
+    assert type(load_config(None, ["search.strategy=snas"]).search.strategy_config(1, 0.1)
+                ).__name__ == "SNASConfig"
+    with pytest.raises(ConfigError, match=r"search.strategy = 'darts' is not allowed; expected "
+                       r"one of \['dsnas', 'snas', 'proxyless', 'spos', 'random'\]"):
+        load_config(None, ["search.strategy=darts"])
+    with pytest.raises(ConfigError, match=r"key 'h' belongs to search.strategy \['dsnas'\], not "
+                       r"to search.strategy = 'snas'"):
+        load_config(None, ["search.strategy=snas", "search.h=0.2"])
+    with pytest.raises(ConfigError, match=r"key 'tau_start' belongs to search.strategy \['snas'\]"):
+        load_config(None, ["search.strategy=spos", "search.tau_start=1"])
+    with pytest.raises(ConfigError, match=r"search.final_phase = 'again' is not allowed; expected "
+                       r"one of \['none', 'finetune', 'retrain'\]"):
+        load_config(None, ["search.strategy=spos", "search.final_phase=again"])
+    with pytest.raises(ConfigError, match=r"search.tau_schedule = 'cosine' is not allowed"):
+        load_config(None, ["search.strategy=snas", "search.tau_schedule=cosine"])
+    with pytest.raises(ConfigError, match=r"search: unknown key\(s\) \['populaton'\]"):
+        load_config(None, ["search.strategy=spos", "search.populaton=3"])
