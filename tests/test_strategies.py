@@ -260,3 +260,55 @@ def test_config_selects_the_strategy_and_names_foreign_or_bad_keys():
         load_config(None, ["search.strategy=snas", "search.tau_schedule=cosine"])
     with pytest.raises(ConfigError, match=r"search: unknown key\(s\) \['populaton'\]"):
         load_config(None, ["search.strategy=spos", "search.populaton=3"])
+
+
+# -- end to end through Ray Train --------------------------------------------------------------
+def ray_job_sets(storage, name: str, **extra) -> list[str]:
+    sets = {
+        "name": name, "storage": str(storage),
+        "data.uri": "synthetic:4/128/32", "data.image_size": 16,
+        "space.preset": "cifar", "space.input_size": 16, "space.width_mult": 0.25,
+        "space.stage_repeats": "[1,1,1,1]",
+        "search.epochs": 1, "search.global_batch_size": 16, "search.lr": 0.05,
+        "search.lr_reference_batch": 16, "search.max_steps_per_epoch": 3,
+        "search.warmup_epochs": 0, "search.bn_recalibration_batches": 1, "search.log_every": 100,
+        "scaling.num_workers": 1, "scaling.cpus_per_worker": 1, "scaling.max_failures": 0,
+    }
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+@pytest.mark.slow
+def test_spos_with_finetune_on_two_workers_and_snas_run_through_ray_train(ray_local, tmp_path):
+    from raydsnas.config import load_config
+    from raydsnas.train.launcher import run_search
+    from tests.test_search_job import final_state
+
+    space = SearchSpace.cifar(4, width_mult=0.25, stage_repeats=(1, 1, 1, 1))
+    space = SearchSpace.from_dict({**space.to_dict(), "input_size": 16})
+    table = space.flops_table()
+    limit = (table.total(table.smallest()) + table.total(table.largest())) // 2
+    spos = run_search(load_config(None, ray_job_sets(tmp_path, "spos", **{
+        "search.strategy": "spos", "search.population": 4, "search.iterations": 2,
+        "search.top_k": 2, "search.mutations": 2, "search.crossovers": 2,
+        "search.bn_batches": 1, "search.flops_limit": limit, "search.final_phase": "finetune",
+        "search.final_epochs": 1, "scaling.num_workers": 2})))
+    state = final_state(tmp_path / "spos")
+    assert state["epoch"] == 2 and state["strategy"]["step"] == 6  # 1 search + 1 finetune epoch
+    assert state["strategy"]["phase"] == "final"
+    log = state["strategy"]["search_log"]
+    assert len(log) >= 4 and all(space.flops(e["arch"]) <= limit for e in log)
+    meta = spos.record["meta"]
+    assert (meta["strategy"], meta["search_epochs"], meta["epochs"]) == ("spos", 1, 2)
+    child = load_child(spos.subnet_uri)
+    assert child.arch == state["strategy"]["chosen"] and child.meta["flops"] <= limit
+    assert child.meta["meta"]["worker_hours"] > 0
+
+    snas = run_search(load_config(None, ray_job_sets(tmp_path, "snas", **{
+        "search.strategy": "snas", "search.epochs": 2, "search.alpha_lr": 0.05})))
+    state = final_state(tmp_path / "snas")["strategy"]
+    assert state["step"] == 6 and (state["alpha"] - 1).abs().max() > 0.02  # alpha moved
+    child = load_child(snas.subnet_uri)
+    assert child.arch == state["alpha"].argmax(-1).tolist() == snas.record["arch"]
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(child(x), load_child(snas.subnet_uri)(x))
