@@ -174,9 +174,9 @@ def rank_architectures(space: SearchSpace, supernet, archs: Sequence[Sequence[in
 
 
 def format_table(rows: Sequence[RankRow]) -> str:
-    lines = [f"{'arch':<{max(4, *(len(_arch_text(r.arch)) for r in rows))}}  "
-             f"{'MFLOPs':>8}  {'search_top1':>11}  {'eval_top1':>9}"]
-    width = len(lines[0].split("  ")[0])
+    """One line per architecture (arch, MFLOPs, both top-1s), then Kendall's tau."""
+    width = max(4, *(len(_arch_text(r.arch)) for r in rows))
+    lines = [f"{'arch':<{width}}  {'MFLOPs':>8}  {'search_top1':>11}  {'eval_top1':>9}"]
     for r in rows:
         lines.append(f"{_arch_text(r.arch):<{width}}  {r.flops / 1e6:>8.3f}  "
                      f"{r.search_top1:>11.4f}  {r.eval_top1:>9.4f}")

@@ -14,7 +14,7 @@ from raydsnas.strategies.snas import SNAS, SNASConfig, relaxed_choice, temperatu
 
 SPACE = SearchSpace(num_classes=4, input_size=8, width_mult=0.25, stage_repeats=(1, 1, 2, 1),
                     stem_stride=1, dropout=0.0)
-TRAIN = dict(lr=0.05, epochs=2, steps_per_epoch=3, warmup_epochs=0, label_smoothing=0.1)
+TRAIN = {"lr": 0.05, "epochs": 2, "steps_per_epoch": 3, "warmup_epochs": 0, "label_smoothing": 0.1}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,9 +83,9 @@ def test_snas_hard_option_forwards_one_hot_and_temperature_anneals():
 
 # -- every strategy ----------------------------------------------------------------------------
 def strategy_config(name: str):
-    extra = {"spos": dict(population=4, iterations=2, top_k=2, mutations=2, crossovers=2,
-                          bn_batches=2),
-             "random": dict(num_samples=3, bn_batches=2)}.get(name, {})
+    extra = {"spos": {"population": 4, "iterations": 2, "top_k": 2, "mutations": 2, "crossovers": 2,
+                          "bn_batches": 2},
+             "random": {"num_samples": 3, "bn_batches": 2}}.get(name, {})
     return STRATEGIES[name][0](**TRAIN, **extra)
 
 
@@ -177,8 +177,8 @@ def test_evolution_search_respects_the_limit_is_deterministic_and_beats_random_s
     target = None
     while target is None or SEARCH_SPACE.flops(target) > limit:
         target = torch.randint(4, (SEARCH_SPACE.num_layers,), generator=gen).tolist()
-    settings = dict(flops_limit=limit, population=20, iterations=10, top_k=5, mutations=10,
-                    crossovers=10, mutation_prob=0.1, seed=3)
+    settings = {"flops_limit": limit, "population": 20, "iterations": 10, "top_k": 5, "mutations": 10,
+                    "crossovers": 10, "mutation_prob": 0.1, "seed": 3}
     log_a, log_b, log_r = [], [], []
     a = evolution_search(SEARCH_SPACE, toy_fitness(target, log_a), **settings)
     b = evolution_search(SEARCH_SPACE, toy_fitness(target, log_b), **settings)
@@ -199,8 +199,8 @@ def test_evolution_search_respects_the_limit_is_deterministic_and_beats_random_s
 def test_one_shot_search_picks_under_the_limit_then_trains_the_child_alone(name, phase, tmp_path):
     table = SPACE.flops_table()
     limit = (table.total(table.smallest()) + table.total(table.largest())) / 2
-    cfg = {**TRAIN, **{"spos": dict(population=4, iterations=2, top_k=2, mutations=2,
-                                    crossovers=2), "random": dict(num_samples=4)}[name]}
+    cfg = {**TRAIN, **{"spos": {"population": 4, "iterations": 2, "top_k": 2, "mutations": 2,
+                                    "crossovers": 2}, "random": {"num_samples": 4}}[name]}
     s = build_strategy(name, SPACE, STRATEGIES[name][0](
         **cfg, bn_batches=2, flops_limit=limit, flops_max=limit * 1.1, final_phase=phase,
         final_epochs=1))

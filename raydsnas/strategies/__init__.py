@@ -36,8 +36,27 @@ def build_strategy(name: str, space, config: Any, *, device="cpu",
     return STRATEGIES[name][1](space, config, device=device, collective=collective)
 
 
-__all__ = ["DSNAS", "SNAS", "SPOS", "ProxylessConfig", "ProxylessNAS", "RandomSearch",
-           "RandomSearchConfig", "SPOSConfig", "STRATEGIES", "Collective", "DSNASConfig", "LocalCollective",
-           "SNASConfig", "SearchStrategy", "StepStats", "SupernetTrainer", "TensorBatches",
-           "TorchDistributedCollective", "TrainingConfig", "build_strategy", "default_collective",
-           "dsnas_alpha_grad"]
+__all__ = [
+    "DSNAS",
+    "SNAS",
+    "SPOS",
+    "STRATEGIES",
+    "Collective",
+    "DSNASConfig",
+    "LocalCollective",
+    "ProxylessConfig",
+    "ProxylessNAS",
+    "RandomSearch",
+    "RandomSearchConfig",
+    "SNASConfig",
+    "SPOSConfig",
+    "SearchStrategy",
+    "StepStats",
+    "SupernetTrainer",
+    "TensorBatches",
+    "TorchDistributedCollective",
+    "TrainingConfig",
+    "build_strategy",
+    "default_collective",
+    "dsnas_alpha_grad",
+]

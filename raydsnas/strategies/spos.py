@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -197,21 +198,28 @@ def evolution_search(space: SearchSpace, fitness: Fitness, *, flops_limit: float
         top = [a for a, _ in sorted(((list(k), s) for k, s in scores.items()),
                                     key=lambda item: item[1], reverse=True)][:top_k]
 
-        def mutate() -> list[int]:
-            parent = top[rng.integers(len(top))]
-            flip = rng.random(space.num_layers) < mutation_prob
-            fresh = rng.integers(0, space.num_choices, space.num_layers)
-            return [int(f) if m else int(p) for p, f, m in zip(parent, fresh, flip)]
-
-        def cross() -> list[int]:
-            a, b = top[rng.integers(len(top))], top[rng.integers(len(top))]
-            pick = rng.random(space.num_layers) < 0.5
-            return [int(x) if m else int(y) for x, y, m in zip(a, b, pick)]
-
-        candidates = pool.draw(mutations, mutate) + pool.draw(crossovers, cross)
+        candidates = (pool.draw(mutations, partial(_mutate, rng, top, space, mutation_prob))
+                      + pool.draw(crossovers, partial(_crossover, rng, top, space)))
         candidates += pool.draw(max(0, population - len(candidates)), pool.uniform)
     best = top[0]
     return SearchResult(best, scores[tuple(best)], evaluated)
+
+
+def _mutate(rng: np.random.Generator, parents: list[list[int]], space: SearchSpace,
+            prob: float) -> list[int]:
+    """A random parent with each layer resampled uniformly with probability `prob`."""
+    parent = parents[rng.integers(len(parents))]
+    flip = rng.random(space.num_layers) < prob
+    fresh = rng.integers(0, space.num_choices, space.num_layers)
+    return [int(f) if m else int(p) for p, f, m in zip(parent, fresh, flip)]
+
+
+def _crossover(rng: np.random.Generator, parents: list[list[int]],
+               space: SearchSpace) -> list[int]:
+    """Each layer from one of two random parents, with equal probability."""
+    a, b = parents[rng.integers(len(parents))], parents[rng.integers(len(parents))]
+    pick = rng.random(space.num_layers) < 0.5
+    return [int(x) if m else int(y) for x, y, m in zip(a, b, pick)]
 
 
 class SPOS(SupernetTrainer):
