@@ -27,9 +27,10 @@ import yaml
 from raydsnas.data.errors import DataSpecError
 from raydsnas.data.pipeline import DataSpec
 from raydsnas.space import SearchSpace
+from raydsnas.strategies import STRATEGIES as STRATEGY_REGISTRY
 from raydsnas.strategies.dsnas import DSNASConfig
 
-STRATEGIES = ("dsnas",)
+STRATEGIES = tuple(STRATEGY_REGISTRY)
 SPACE_PRESETS = ("cifar", "imagenet", "custom")
 SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token", "key", "secret", "token",
                "password")
@@ -74,7 +75,10 @@ class SpaceSection:
 
 @dataclass(frozen=True)
 class SearchSection:
-    """The job-level part of `search`; every other key goes to `DSNASConfig`."""
+    """The job-level part of `search`; every other key goes to the config dataclass of the
+    chosen `strategy` (`DSNASConfig`, `SNASConfig`, ...), kept in `dsnas` (the name predates
+    the baselines). `epochs` are the search epochs; a strategy may add epochs after them
+    (SPOS/random `final_epochs`)."""
 
     strategy: str = "dsnas"
     epochs: int = 20
@@ -91,9 +95,16 @@ class SearchSection:
         return DSNASConfig.from_dict({**self.dsnas, "epochs": self.epochs,
                                       "steps_per_epoch": steps_per_epoch, "lr": lr})
 
+    def strategy_config(self, steps_per_epoch: int, lr: float) -> Any:
+        """The chosen strategy's config dataclass (`DSNASConfig` for `dsnas`)."""
+        cls = STRATEGY_REGISTRY[self.strategy][0]
+        return cls.from_dict({**self.dsnas, "epochs": self.epochs,
+                              "steps_per_epoch": steps_per_epoch, "lr": lr})
+
     @property
     def base_lr(self) -> float:
-        return float(self.dsnas.get("lr", DSNASConfig.lr))
+        cls = STRATEGY_REGISTRY.get(self.strategy, (DSNASConfig,))[0]
+        return float(self.dsnas.get("lr", cls.lr))
 
 
 @dataclass(frozen=True)
@@ -201,7 +212,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     raw = _deep_copy(DEFAULT_CONFIG) if path is None else read_config_file(path)
     for item in overrides:
         apply_override(raw, item)
+    if path is None:
+        _drop_default_keys_of_other_strategies(raw, overrides)
     return parse_config(raw)
+
+
+def _drop_default_keys_of_other_strategies(raw: dict, overrides: Sequence[str]) -> None:
+    """The embedded default tunes DSNAS (`h`, `freeze_check_every`, ...). With
+    `--set search.strategy=snas` those defaults would be foreign keys; drop the ones the user
+    did not set, so the default runs with any strategy. Keys set explicitly are still checked."""
+    search = raw.get("search")
+    if not isinstance(search, dict) or search.get("strategy", "dsnas") not in STRATEGY_REGISTRY:
+        return
+    own = _strategy_keys(search["strategy"]) | {f.name for f in fields(SearchSection)}
+    explicit = {item.split("=", 1)[0].split(".", 1)[1] for item in overrides
+                if item.startswith("search.") and "=" in item}
+    for key in list(search):
+        if key not in own and key not in explicit and key in DEFAULT_CONFIG["search"]:
+            del search[key]
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -328,15 +356,25 @@ def _parse_space(raw: dict) -> SpaceSection:
 def _parse_search(raw: dict) -> SearchSection:
     job_keys = {f.name for f in fields(SearchSection)} - {"dsnas"}
     job = {k: raw.pop(k) for k in list(raw) if k in job_keys}
-    dsnas_keys = {f.name for f in fields(DSNASConfig)} - {"epochs", "steps_per_epoch"}
-    unknown = sorted(set(raw) - dsnas_keys)
+    _check_types("search", SearchSection, job)
+    strategy = job.get("strategy", SearchSection.strategy)
+    _check_choice("search.strategy", strategy, STRATEGIES)
+    own = _strategy_keys(strategy)
+    foreign = {k: [name for name in STRATEGIES if k in _strategy_keys(name)]
+               for k in sorted(set(raw) - own)}
+    foreign = {k: owners for k, owners in foreign.items() if owners}
+    if foreign:
+        raise ConfigError(
+            "search: " + "; ".join(f"key {k!r} belongs to search.strategy {owners}"
+                                   for k, owners in foreign.items())
+            + f", not to search.strategy = {strategy!r}; keys allowed for {strategy!r}: "
+            f"{sorted(job_keys | own)}")
+    unknown = sorted(set(raw) - own)
     if unknown:
         raise ConfigError(f"search: unknown key(s) {unknown}; allowed: "
-                          f"{sorted(job_keys | dsnas_keys)}")
-    _check_types("search", SearchSection, job)
-    _check_types("search", DSNASConfig, raw)
+                          f"{sorted(job_keys | own)}")
+    _check_types("search", STRATEGY_REGISTRY[strategy][0], raw)
     section = SearchSection(**job, dsnas=raw)
-    _check_choice("search.strategy", section.strategy, STRATEGIES)
     for key in ("epochs", "global_batch_size", "lr_reference_batch", "eval_every",
                 "checkpoint_every", "log_every"):
         _check_range(f"search.{key}", getattr(section, key), 1)
@@ -344,10 +382,16 @@ def _parse_search(raw: dict) -> SearchSection:
     if section.max_steps_per_epoch is not None:
         _check_range("search.max_steps_per_epoch", section.max_steps_per_epoch, 1)
     try:
-        section.dsnas_config(steps_per_epoch=1, lr=section.base_lr)
+        section.strategy_config(steps_per_epoch=1, lr=section.base_lr)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return section
+
+
+def _strategy_keys(strategy: str) -> set[str]:
+    """The `search` keys of one strategy's config (epochs and steps come from the job)."""
+    return {f.name for f in fields(STRATEGY_REGISTRY[strategy][0])} - {"epochs",
+                                                                       "steps_per_epoch"}
 
 
 def _parse_scaling(raw: dict) -> ScalingSection:

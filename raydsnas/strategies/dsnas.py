@@ -181,6 +181,9 @@ class DSNAS:
     everything needed to continue exactly, independent of the number of workers.
     """
 
+    name = "dsnas"
+    extra_epochs = 0  # no phase after the search: the searched weights are the result
+
     def __init__(self, space: SearchSpace, config: DSNASConfig | None = None, *,
                  device: torch.device | str = "cpu", collective: Collective | None = None):
         self.space = space
@@ -396,6 +399,10 @@ class DSNAS:
             drop_params(self.alpha_opt, [self.alpha[layer]])
         self.alpha[layer].requires_grad_(False)
         self.alpha[layer].grad = None
+
+    def end_search(self, data: Any, epoch: int) -> dict[str, Any]:
+        """The loop's hook after the last search epoch: nothing to do (no separate stage)."""
+        return {}
 
     # -- results -------------------------------------------------------------------------------
     def export_child(self, arch: list[int] | None = None) -> ChildNet:

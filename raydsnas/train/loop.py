@@ -1,10 +1,13 @@
 """The per-worker search loop that Ray Train runs on every worker (`train_func(config)`).
 
-Each worker: builds the supernet and the DSNAS strategy, restores the latest checkpoint if
-there is one, runs DSNAS steps on its data shard (all ranks in lockstep: every step ends in one
-all-reduce of weight and architecture gradients), checks every epoch that no rank diverged,
-evaluates the argmax architecture on the validation split, reports metrics, and checkpoints
-from rank 0. At the end the child network is exported to `<storage>/<run>/subnet/`.
+Each worker: builds the supernet and the search strategy named by `search.strategy` (DSNAS or
+a baseline, from the `raydsnas.strategies.STRATEGIES` registry), restores the latest checkpoint
+if there is one, runs strategy steps on its data shard (all ranks in lockstep: every step ends
+in one all-reduce of weight and architecture gradients), checks every epoch that no rank
+diverged, evaluates the argmax architecture on the validation split, reports metrics, and
+checkpoints from rank 0. After the last search epoch the strategy's `end_search` hook runs
+(SPOS/random: the architecture search over the trained supernet), then any epochs the strategy
+adds (retrain/finetune). At the end the child network is exported to `<storage>/<run>/subnet/`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from raydsnas.data.pipeline import iter_train_batches, normalize
 from raydsnas.data.storage import join_path, resolve_filesystem
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_bn
 from raydsnas.export import save_child
-from raydsnas.strategies import DSNAS, Collective, default_collective
+from raydsnas.strategies import Collective, build_strategy, default_collective
+from raydsnas.strategies.base import SearchStrategy
 from raydsnas.train.events import EventLog
 from raydsnas.train.sync_bn import average_bn_buffers, use_global_batch_norm
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
@@ -73,8 +77,9 @@ def train_func(config: dict[str, Any]) -> None:
         raise ValueError(f"the training split has {config['num_train']} samples, fewer than one "
                          f"global batch ({per_worker * world}); lower search.global_batch_size")
     space = job.space.build(config["num_classes"])
-    strategy = DSNAS(space, job.search.dsnas_config(steps_per_epoch, lr), device=device,
-                     collective=collective)
+    strategy = build_strategy(job.search.strategy, space,
+                              job.search.strategy_config(steps_per_epoch, lr), device=device,
+                              collective=collective)
     if job.scaling.sync_bn and world > 1:
         use_global_batch_norm(strategy.supernet)
 
@@ -101,7 +106,8 @@ def train_func(config: dict[str, Any]) -> None:
                    strategy.channels_last, step_of=lambda: strategy.step_count)
     attempt = attempt_id(collective, device)
     events = EventLog(rank == 0, fs, join_path(run_root, "events"))
-    total_epochs = job.search.epochs
+    search_epochs = job.search.epochs
+    total_epochs = search_epochs + strategy.extra_epochs  # e.g. SPOS's retrain/finetune epochs
 
     last_eval: dict[str, float] = {}
     for epoch in range(start_epoch, total_epochs):
@@ -123,6 +129,16 @@ def train_func(config: dict[str, Any]) -> None:
         worker_s += epoch_s * world
         check_ranks_agree(strategy, collective)
         average_bn_buffers(strategy.supernet, collective)
+        end_metrics: dict[str, Any] = {}
+        if epoch + 1 == search_epochs:
+            # The strategy's search stage (SPOS: the evolutionary search), timed as compute.
+            t1 = time.perf_counter()
+            end_metrics = strategy.end_search(data, epoch + 1)
+            end_s = time.perf_counter() - t1
+            elapsed_s += end_s
+            worker_s += end_s * world
+            end_metrics["end_search_s"] = end_s
+            check_ranks_agree(strategy, collective)
         totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
         collective.all_reduce_sum(totals)
         totals = totals.cpu()
@@ -136,6 +152,7 @@ def train_func(config: dict[str, Any]) -> None:
             "lr": strategy.weight_opt.param_groups[0]["lr"],
             "images_per_s": float(totals[2]) / max(epoch_s, 1e-9),
             "elapsed_s": elapsed_s, "arch": json.dumps(strategy.argmax_arch()),
+            **end_metrics,
         }
         if last or (epoch + 1) % job.search.eval_every == 0:
             last_eval = data.evaluate(strategy.predict, collective)
@@ -159,7 +176,7 @@ def train_func(config: dict[str, Any]) -> None:
             # committed first, so the retry resumes here and only exports again.
             try:
                 metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
-                                             elapsed_s, worker_s))
+                                             elapsed_s, worker_s, total_epochs))
             except Exception:
                 report_with_checkpoint(metrics, strategy, rank, checkpoint_name, epoch + 1,
                                        elapsed_s, worker_s, history)
@@ -173,17 +190,22 @@ def train_func(config: dict[str, Any]) -> None:
         last_epoch = {k: v for k, v in (history[-1] if history else {}).items() if k != "probs"}
         ray.train.report({**last_epoch, "arch": json.dumps(
             strategy.argmax_arch()), **export_result(job, strategy, data, collective, run_uri,
-                                                     rank, elapsed_s, worker_s)})
+                                                     rank, elapsed_s, worker_s, total_epochs)})
     events.close()
 
 
-def export_result(job: JobConfig, strategy: DSNAS, data: Batches, collective: Collective,
-                  run_uri: str, rank: int, elapsed_s: float, worker_s: float) -> dict[str, Any]:
-    """BN-recalibrate, evaluate and export the argmax child (every rank computes, rank 0 writes)."""
+def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
+                  collective: Collective, run_uri: str, rank: int, elapsed_s: float,
+                  worker_s: float, total_epochs: int | None = None) -> dict[str, Any]:
+    """BN-recalibrate, evaluate and export the argmax child (every rank computes, rank 0 writes).
+
+    `worker_hours` counts every epoch the run took, search and any retrain/finetune phase, so
+    DSNAS and the two-stage baselines compare on the same footing."""
+    total_epochs = job.search.epochs if total_epochs is None else total_epochs
     arch = strategy.argmax_arch()
     child = strategy.export_child(arch)
     if job.search.bn_recalibration_batches:
-        batches = (images for images, _ in data.train(job.search.epochs,
+        batches = (images for images, _ in data.train(total_epochs,
                                                       limit=job.search.bn_recalibration_batches))
         recalibrate_bn(child, batches)
         average_bn_buffers(child, collective)
@@ -196,6 +218,8 @@ def export_result(job: JobConfig, strategy: DSNAS, data: Batches, collective: Co
         "params": space.params(arch), "wall_time_s": elapsed_s, "worker_hours": worker_s / 3600,
         "steps": strategy.step_count, "frozen_layers": {str(k): v for k, v in strategy.frozen.items()},
         "bn_recalibrated": bool(job.search.bn_recalibration_batches), "config": job.to_dict(),
+        "strategy": job.search.strategy, "search_epochs": job.search.epochs,
+        "epochs": total_epochs,
     }
     subnet_uri = f"{run_uri.rstrip('/')}/subnet"
     if rank == 0:
@@ -216,7 +240,7 @@ def attempt_id(collective: Collective, device: torch.device) -> str:
     return f"{int(value):08x}"
 
 
-def report_with_checkpoint(metrics: dict, strategy: DSNAS, rank: int, dir_name: str, epoch: int,
+def report_with_checkpoint(metrics: dict, strategy: SearchStrategy, rank: int, dir_name: str, epoch: int,
                            elapsed_s: float, worker_s: float, history: list) -> None:
     """Checkpoint (rank 0 writes, every rank reports): everything to continue exactly."""
     if rank != 0:
@@ -235,7 +259,7 @@ def report_with_checkpoint(metrics: dict, strategy: DSNAS, rank: int, dir_name: 
                          checkpoint_dir_name=dir_name)
 
 
-def check_ranks_agree(strategy: DSNAS, collective: Collective) -> None:
+def check_ranks_agree(strategy: SearchStrategy, collective: Collective) -> None:
     """Fail loudly (on every rank) if any rank's alpha or frozen set differs from rank 0's."""
     if collective.world_size == 1:
         return

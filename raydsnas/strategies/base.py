@@ -1,0 +1,381 @@
+"""What the training loop needs from a search strategy, and the plumbing the baselines share.
+
+`SearchStrategy` is the interface `raydsnas.train.loop` uses; `DSNAS` and every baseline
+(`SNAS`, `ProxylessNAS`, `SPOS`, `RandomSearch`) satisfy it. The loop runs `step` for
+`search.epochs` epochs, then calls `end_search(data, epoch)` once (SPOS and random search pick
+their architecture there and may switch to a retrain/finetune phase), then runs `extra_epochs`
+more epochs of `step` (counted in the schedule, the reports and the exported worker-hours).
+
+`SupernetTrainer` is the common part of the baselines: one supernet, an SGD optimiser with the
+DSNAS recipe (momentum, weight decay off BN, warm-up + cosine), bf16 autocast on recent GPUs,
+gradient averaging over ranks, prediction and child export, checkpoint state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raydsnas.evaluation import accuracy_from_sums, accuracy_sums
+from raydsnas.space import SearchSpace
+from raydsnas.space.child import ChildNet
+from raydsnas.strategies.collective import Collective, LocalCollective
+from raydsnas.strategies.dsnas import StepStats, _check, entropy_per_layer, expected_flops
+from raydsnas.strategies.optim import warmup_cosine, weight_param_groups
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class SearchData(Protocol):
+    """The batches a strategy may read after the search epochs (BN recalibration, candidate
+    evaluation). `raydsnas.train.loop.Batches` is one; `TensorBatches` is another."""
+
+    def train(self, epoch: int, limit: int | None = None) -> Iterator[Batch]:
+        """This rank's training batches of `epoch` (only the first `limit`)."""
+
+    def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor], collective: Collective,
+                 prefix: str = "val") -> dict[str, float]:
+        """`{prefix}_top1`, `_top5`, `_loss`, `_samples` over the validation split, summed over
+        every rank (so every rank gets the same numbers)."""
+
+
+class SearchStrategy(Protocol):
+    """What the per-worker loop uses. Architectures are lists of choice indices per layer."""
+
+    space: SearchSpace
+    device: torch.device
+    channels_last: bool
+    supernet: nn.Module
+    weight_opt: torch.optim.Optimizer
+    step_count: int
+    frozen: dict[int, int]
+    extra_epochs: int
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats: ...
+    def probs(self) -> torch.Tensor: ...
+    def alpha_matrix(self) -> torch.Tensor: ...
+    def entropy(self) -> float: ...
+    def expected_flops(self) -> float: ...
+    def argmax_arch(self) -> list[int]: ...
+    def predict(self, images: torch.Tensor, arch: list[int] | None = None) -> torch.Tensor: ...
+    def export_child(self, arch: list[int] | None = None) -> ChildNet: ...
+    def end_search(self, data: SearchData, epoch: int) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainingConfig:
+    """The weight-training recipe every baseline shares with DSNAS (same keys, same defaults:
+    the paper's ImageNet recipe). `lr` is for the global batch; epochs convert to steps with
+    `steps_per_epoch`."""
+
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    label_smoothing: float = 0.1
+    epochs: float = 240
+    steps_per_epoch: int = 1
+    warmup_epochs: float = 5
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", self.lr, "a number > 0")
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
+               "a number in [0, 1)")
+        _check(self.epochs > 0, "epochs", self.epochs, "a number > 0")
+        _check(self.steps_per_epoch >= 1, "steps_per_epoch", self.steps_per_epoch,
+               "an integer >= 1")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "a number >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, round(self.epochs * self.steps_per_epoch))
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.total_steps, round(self.warmup_epochs * self.steps_per_epoch))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"search: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**data)
+
+
+def forward_layers(supernet: nn.Module, images: torch.Tensor,
+                   layer: Callable[[int, nn.ModuleDict, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Stem, then `layer(l, supernet.layers[l], x)` for every choice layer, then the head: the
+    supernet with a custom mix of candidates per layer (SNAS, ProxylessNAS's gates)."""
+    x = supernet.stem(images)
+    for l, candidates in enumerate(supernet.layers):
+        x = layer(l, candidates, x)
+    return supernet.head(x)
+
+
+def sample_in_band(space: SearchSpace, generator: torch.Generator, low: float | None,
+                   high: float | None, max_tries: int = 10_000) -> list[int]:
+    """A uniformly random architecture with FLOPs in [low, high] (rejection sampling)."""
+    table = space.flops_table()
+    for _ in range(max_tries):
+        arch = torch.randint(space.num_choices, (space.num_layers,), generator=generator).tolist()
+        flops = table.total(arch)
+        if (low is None or flops >= low) and (high is None or flops <= high):
+            return arch
+    raise ValueError(f"no architecture with FLOPs in [{low}, {high}] in {max_tries} uniform "
+                     f"samples (the space spans {table.total(table.smallest())} to "
+                     f"{table.total(table.largest())})")
+
+
+class SupernetTrainer:
+    """The shared part of the baselines: supernet, weight optimiser and schedule, ranks, export.
+
+    Subclasses implement `step` and the architecture distribution (`probs`, `argmax_arch`,
+    `alpha_matrix`); `state_dict()` / `load_state_dict()` here hold the weights, optimiser,
+    schedule and step, and subclasses add their own entries.
+    """
+
+    name: ClassVar[str] = ""
+    extra_epochs: int = 0
+
+    def __init__(self, space: SearchSpace, config: TrainingConfig, *,
+                 device: torch.device | str = "cpu", collective: Collective | None = None):
+        self.space = space
+        self.config = config
+        self.device = torch.device(device)
+        self.collective = collective or LocalCollective()
+        self.use_amp = (config.amp and self.device.type == "cuda"
+                        and torch.cuda.is_bf16_supported())
+        self.channels_last = config.channels_last and self.device.type == "cuda"
+        torch.manual_seed(config.seed)  # weight init: identical on every rank
+        self.supernet = space.supernet().to(self.device)
+        if self.channels_last:
+            self.supernet = self.supernet.to(memory_format=torch.channels_last)
+        self.frozen: dict[int, int] = {}
+        self.step_count = 0
+        table = space.flops_table()
+        self._flops_table, self._flops_fixed = table.as_tensor(), float(table.fixed)
+        self._build_weight_optimizer(config.total_steps, config.warmup_steps)
+
+    def _build_weight_optimizer(self, total_steps: int, warmup_steps: int) -> None:
+        cfg = self.config
+        self.weight_opt = torch.optim.SGD(weight_param_groups(self.supernet, cfg.weight_decay),
+                                          lr=cfg.lr, momentum=cfg.momentum)
+        self._schedule = (total_steps, warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.weight_opt, warmup_cosine(total_steps, warmup_steps))
+
+    # -- the architecture distribution (subclasses override) ------------------------------------
+    def probs(self) -> torch.Tensor:
+        return torch.full((self.space.num_layers, self.space.num_choices),
+                          1.0 / self.space.num_choices)
+
+    def alpha_matrix(self) -> torch.Tensor:
+        return torch.zeros(self.space.num_layers, self.space.num_choices)
+
+    def argmax_arch(self) -> list[int]:
+        return self.probs().argmax(-1).tolist()
+
+    def entropy(self) -> float:
+        return float(entropy_per_layer(self.probs()).mean())
+
+    def expected_flops(self) -> float:
+        return float(expected_flops(self.probs().double(), self._flops_table, self._flops_fixed))
+
+    def end_search(self, data: SearchData, epoch: int) -> dict[str, Any]:
+        """Called once after the last search epoch; nothing to do for a gradient-based search."""
+        return {}
+
+    # -- training helpers ----------------------------------------------------------------------
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(_at_least_fp32(logits), labels,
+                               label_smoothing=self.config.label_smoothing)
+
+    def _autocast(self):
+        if self.use_amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def path_parameters(self, path: Sequence[int]) -> list[nn.Parameter]:
+        """Stem, head and the candidates on `path`: what a single-path step trains."""
+        params = list(self.supernet.stem.parameters()) + list(self.supernet.head.parameters())
+        for l, k in enumerate(path):
+            params += self.supernet.candidate_parameters(l, k)
+        return params
+
+    def average_gradients(self, params: Iterable[nn.Parameter],
+                          extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Average the `.grad` of `params` (None counts as zeros) and `extra` over ranks, in one
+        all-reduce; returns the averaged `extra` (on the CPU). Every rank passes the same list."""
+        world = self.collective.world_size
+        if world == 1:
+            return extra
+        params = list(params)
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                 for p in params]
+        if extra is not None:
+            parts.append(extra.to(self.device, torch.float32).reshape(-1))
+        flat = torch.cat(parts)
+        self.collective.all_reduce_sum(flat)
+        flat /= world
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return None if extra is None else flat[offset:].view_as(extra).cpu().to(extra.dtype)
+
+    def _weight_step(self) -> None:
+        self.weight_opt.step()
+        self.scheduler.step()
+
+    def _stats(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+               path: list[int], searching: bool) -> StepStats:
+        return StepStats(
+            step=self.step_count, loss=loss.detach(),
+            correct=(logits.detach().argmax(-1) == labels).sum(), batch_size=len(labels),
+            path=path, expected_flops=self.expected_flops(), entropy=self.entropy(),
+            num_frozen=len(self.frozen), lr=self.weight_opt.param_groups[0]["lr"],
+            searching=searching)
+
+    # -- results -------------------------------------------------------------------------------
+    def export_child(self, arch: list[int] | None = None) -> ChildNet:
+        """The argmax (or given) architecture as a standalone `ChildNet` with trained weights."""
+        arch = self.argmax_arch() if arch is None else arch
+        return self.supernet.extract_child(arch).to(memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, arch: list[int] | None = None) -> torch.Tensor:
+        """Logits of the argmax (or given) architecture, eval mode."""
+        self.supernet.eval()
+        with self._autocast():
+            return _at_least_fp32(self.supernet(self._prepare(images), arch or self.argmax_arch()))
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "strategy": self.name, "space": self.space.to_dict(), "config": asdict(self.config),
+            "step": self.step_count, "frozen": dict(self.frozen),
+            "alpha": self.alpha_matrix().clone(), "schedule": list(self._schedule),
+            "supernet": self.supernet.state_dict(), "weight_opt": self.weight_opt.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the weights, optimiser and schedule. Subclasses restore their own part
+        first when it changes the supernet's shape (a pruned final phase)."""
+        if state.get("strategy") != self.name:
+            raise ValueError(f"checkpoint was written by strategy {state.get('strategy')!r}, "
+                             f"this run uses search.strategy = {self.name!r}")
+        if SearchSpace.from_dict(state["space"]) != self.space:
+            raise ValueError("checkpoint was written for a different search space: "
+                             f"{state['space']} != {self.space.to_dict()}")
+        self.supernet.load_state_dict(state["supernet"])
+        self._build_weight_optimizer(*state["schedule"])
+        self.weight_opt.load_state_dict(state["weight_opt"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = int(state["step"])
+        # This run's learning rate (a resize may change it), at the restored step.
+        factor = warmup_cosine(*self._schedule)
+        self.scheduler.base_lrs = [self.config.lr] * len(self.weight_opt.param_groups)
+        for group in self.weight_opt.param_groups:
+            group["lr"] = self.config.lr * factor(self.scheduler.last_epoch)
+            group["initial_lr"] = self.config.lr
+
+    def num_weight_parameters(self) -> int:
+        return sum(p.numel() for p in self.supernet.parameters())
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class TensorBatches:
+    """`SearchData` over in-memory tensors, for one process (tests, `raydsnas.analysis`).
+
+    `train(epoch)` yields `batch_size` slices of a permutation seeded by epoch; `evaluate`
+    runs the whole validation split.
+    """
+
+    def __init__(self, train: Batch, val: Batch, batch_size: int, seed: int = 0):
+        self.train_images, self.train_labels = train
+        self.val_images, self.val_labels = val
+        self.batch_size, self.seed = batch_size, seed
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train_labels) // self.batch_size)
+
+    def train(self, epoch: int, limit: int | None = None) -> Iterator[Batch]:
+        order = torch.randperm(len(self.train_labels),
+                               generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        steps = min(self.steps_per_epoch, limit or self.steps_per_epoch)
+        for t in range(steps):
+            idx = order[t * self.batch_size:(t + 1) * self.batch_size]
+            yield self.train_images[idx], self.train_labels[idx]
+
+    @torch.no_grad()
+    def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor],
+                 collective: Collective | None = None, prefix: str = "val") -> dict[str, float]:
+        sums = torch.zeros(4, dtype=torch.float64)
+        for i in range(0, len(self.val_labels), self.batch_size):
+            sums += accuracy_sums(forward(self.val_images[i:i + self.batch_size]),
+                                  self.val_labels[i:i + self.batch_size])
+        acc = accuracy_from_sums(sums)
+        return {f"{prefix}_top1": acc.top1, f"{prefix}_top5": acc.top5,
+                f"{prefix}_loss": acc.loss, f"{prefix}_samples": acc.count}
+
+
+class AlphaSearch(SupernetTrainer):
+    """A baseline with architecture parameters `alpha` `[L, n]` and their Adam optimiser
+    (SNAS, ProxylessNAS). The config must have `alpha_lr`, `alpha_betas`, `alpha_init_std`."""
+
+    def __init__(self, space: SearchSpace, config, *, device: torch.device | str = "cpu",
+                 collective: Collective | None = None):
+        super().__init__(space, config, device=device, collective=collective)
+        generator = torch.Generator().manual_seed(config.seed)
+        init = 1 + config.alpha_init_std * torch.randn(space.num_layers, space.num_choices,
+                                                       generator=generator)
+        self.alpha = nn.Parameter(init)
+        self.alpha_opt = torch.optim.Adam([self.alpha], lr=config.alpha_lr,
+                                          betas=tuple(config.alpha_betas), weight_decay=0.0)
+
+    def alpha_matrix(self) -> torch.Tensor:
+        return self.alpha.detach().clone()
+
+    def probs(self) -> torch.Tensor:
+        return F.softmax(self.alpha_matrix(), -1)
+
+    def _apply_alpha_gradient(self, grad: torch.Tensor) -> None:
+        self.alpha.grad = grad.to(self.alpha.dtype)
+        self.alpha_opt.step()
+        self.alpha_opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "alpha_opt": self.alpha_opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.alpha.copy_(state["alpha"])
+        self.alpha_opt.load_state_dict(state["alpha_opt"])
+        for group in self.alpha_opt.param_groups:
+            group["lr"] = self.config.alpha_lr
