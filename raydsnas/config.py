@@ -78,7 +78,23 @@ class SearchSection:
     """The job-level part of `search`; every other key goes to the config dataclass of the
     chosen `strategy` (`DSNASConfig`, `SNASConfig`, ...), kept in `dsnas` (the name predates
     the baselines). `epochs` are the search epochs; a strategy may add epochs after them
-    (SPOS/random `final_epochs`)."""
+    (SPOS/random `final_epochs`).
+
+    Attributes:
+        strategy: the search method: `dsnas`, or a baseline on the same space and loop.
+        epochs: search epochs (SPOS/random may add `final_epochs` after them).
+        global_batch_size: samples per step over all workers; each of W workers takes
+            `global_batch_size // W` (fixed by the config, so the schedule does not depend on W).
+        lr_reference_batch: the batch `lr` is given for; the weight lr scales linearly to the
+            actual global batch.
+        eval_every: epochs between validations of the current argmax architecture.
+        checkpoint_every: epochs between checkpoints (the last epoch always checkpoints).
+        bn_recalibration_batches: training batches that recompute the child's BN statistics
+            before export (0: off).
+        log_every: steps between progress lines.
+        max_steps_per_epoch: cap on steps per epoch (null: the whole training split), for
+            smoke runs and benchmarks.
+    """
 
     strategy: str = "dsnas"
     epochs: int = 20

@@ -82,14 +82,18 @@ def _strategy_sections(strategies: tuple[str, ...]) -> list[Section]:
         from raydsnas.strategies import STRATEGIES as REGISTRY
     except ImportError:  # a registry-less build: DSNAS only
         return []
+    from raydsnas.strategies.base import TrainingConfig
+
+    shared = tuple(f.name for f in dataclasses.fields(TrainingConfig))
     out = []
     for name in strategies:
         cls = REGISTRY[name][0] if name != "dsnas" else None
         if cls is not None:
-            out.append(Section(f"`search`: {cls.__name__} (`strategy: {name}`)", "search.", cls,
-                               "Keys shared with DSNAS have the same meaning; those above "
-                               "that are not listed here are refused for this strategy.",
-                               skip=("epochs", "steps_per_epoch")))
+            out.append(Section(
+                f"`search`: {cls.__name__} (`strategy: {name}`)", "search.", cls,
+                "Also takes DSNAS's weight-training keys (`lr`, `momentum`, `weight_decay`, "
+                "`label_smoothing`, `warmup_epochs`, `seed`, `amp`, `channels_last`, same "
+                "defaults); DSNAS's other keys are refused for this strategy.", skip=shared))
     return out
 
 
@@ -107,7 +111,16 @@ class _Name:
 def attribute_docs(cls: type) -> dict[str, str]:
     """`{field: text}` from the `Attributes:` block of `cls`'s docstring (Google style; an
     entry may name several fields: `crop_scale, crop_ratio: ...`)."""
-    doc = inspect.getdoc(cls) or ""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):  # inherited fields keep their base class's text
+        if base is not object and "__doc__" in vars(base):
+            docs.update(_own_attribute_docs(base))
+    docs.update(_own_attribute_docs(cls))
+    return docs
+
+
+def _own_attribute_docs(cls: type) -> dict[str, str]:
+    doc = inspect.cleandoc(cls.__doc__ or "")
     match = re.search(r"^Attributes:\s*\n(.*?)(?=^\S|\Z)", doc, re.MULTILINE | re.DOTALL)
     if not match:
         return {}

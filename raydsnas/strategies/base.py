@@ -74,7 +74,20 @@ class SearchStrategy(Protocol):
 class TrainingConfig:
     """The weight-training recipe every baseline shares with DSNAS (same keys, same defaults:
     the paper's ImageNet recipe). `lr` is for the global batch; epochs convert to steps with
-    `steps_per_epoch`."""
+    `steps_per_epoch`.
+
+    Attributes:
+        lr: weight SGD learning rate at `lr_reference_batch` (cosine decay after warm-up).
+        momentum: weight SGD momentum.
+        weight_decay: weight decay of conv and linear weights (not BN parameters or biases).
+        label_smoothing: label smoothing of the cross-entropy loss.
+        epochs: search epochs (set by `search.epochs`).
+        steps_per_epoch: set by the job from the data set size and the global batch.
+        warmup_epochs: linear learning-rate warm-up before the cosine schedule.
+        seed: seed of the weight initialisation and of every sampling decision.
+        amp: bf16 autocast on GPUs that support it (ignored on CPU).
+        channels_last: channels-last memory format on GPU (ignored on CPU).
+    """
 
     lr: float = 0.5
     momentum: float = 0.9

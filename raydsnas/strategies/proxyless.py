@@ -43,7 +43,14 @@ from raydsnas.strategies.dsnas import StepStats, _check, sampling_seed
 @dataclass
 class ProxylessConfig(TrainingConfig):
     """ProxylessNAS hyper-parameters (weights: the DSNAS recipe; alpha: Adam lr 1e-3,
-    betas (0, 0.999), initialised uniform, as in ProxylessNAS)."""
+    betas (0, 0.999), initialised uniform, as in ProxylessNAS).
+
+    Attributes:
+        alpha_lr: Adam learning rate of alpha.
+        alpha_betas: Adam betas of alpha (ProxylessNAS: 0, 0.999).
+        alpha_init_std: alpha starts at N(0, alpha_init_std) (0: uniform).
+        arch_warmup_epochs: epochs of weight-only training before alpha moves.
+    """
 
     alpha_lr: float = 1e-3
     alpha_betas: tuple[float, float] = (0.0, 0.999)

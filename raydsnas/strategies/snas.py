@@ -35,7 +35,17 @@ TAU_SCHEDULES = ("exponential", "linear", "constant")
 
 @dataclass
 class SNASConfig(TrainingConfig):
-    """SNAS hyper-parameters (the weight recipe is DSNAS's; alpha Adam lr 3e-4 as in SNAS)."""
+    """SNAS hyper-parameters (the weight recipe is DSNAS's; alpha Adam lr 3e-4 as in SNAS).
+
+    Attributes:
+        alpha_lr: Adam learning rate of alpha.
+        alpha_betas: Adam betas of alpha.
+        alpha_init_std: alpha starts at 1 + N(0, alpha_init_std) per entry.
+        tau_start: Gumbel-softmax temperature at the first step.
+        tau_end: temperature at the last step.
+        tau_schedule: `exponential` (geometric), `linear` or `constant` annealing.
+        hard: straight-through: forward the one-hot argmax, backward through the soft weights.
+    """
 
     alpha_lr: float = 3e-4
     alpha_betas: tuple[float, float] = (0.5, 0.999)

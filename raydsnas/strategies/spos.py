@@ -54,7 +54,19 @@ FINAL_PHASES = ("none", "finetune", "retrain")
 @dataclass
 class OneShotConfig(TrainingConfig):
     """Supernet training with uniform sampling, a search under a FLOPs limit, an optional
-    final phase. FLOPs are multiply-adds as in `SearchSpace.flops`."""
+    final phase. FLOPs are multiply-adds as in `SearchSpace.flops`.
+
+    Attributes:
+        flops_min: supernet training resamples paths below this many FLOPs (null: no floor).
+        flops_max: ... and above this many (null: no ceiling).
+        flops_limit: the search considers only architectures within this many FLOPs.
+        bn_batches: training batches that recalibrate BN before each candidate is scored.
+        final_phase: after the search: `none` (export with the supernet's weights),
+            `finetune` (train the chosen child from the supernet's weights) or `retrain`
+            (train it from a fresh initialisation).
+        final_epochs: epochs of the final phase (counted in the schedule and the compute).
+        final_warmup_epochs: learning-rate warm-up of the final phase.
+    """
 
     flops_min: float | None = None
     flops_max: float | None = None
@@ -92,7 +104,16 @@ class OneShotConfig(TrainingConfig):
 
 @dataclass
 class SPOSConfig(OneShotConfig):
-    """SPOS's evolutionary search (defaults: the SPOS paper's)."""
+    """SPOS's evolutionary search (defaults: the SPOS paper's).
+
+    Attributes:
+        population: candidates per generation.
+        iterations: generations.
+        top_k: the best candidates kept as parents.
+        mutations: children by mutation per generation.
+        mutation_prob: chance that a mutation redraws each layer's choice.
+        crossovers: children by crossover of two parents per generation.
+    """
 
     population: int = 50
     iterations: int = 20
@@ -113,7 +134,11 @@ class SPOSConfig(OneShotConfig):
 
 @dataclass
 class RandomSearchConfig(OneShotConfig):
-    """Random search with the shared supernet weights."""
+    """Random search with the shared supernet weights.
+
+    Attributes:
+        num_samples: random architectures (under `flops_limit`) scored.
+    """
 
     num_samples: int = 100
 
