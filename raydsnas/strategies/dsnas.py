@@ -267,16 +267,21 @@ class DSNAS:
 
     # -- one step ------------------------------------------------------------------------------
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
-        """One DSNAS iteration on one batch: sample, forward, one backward, two updates."""
+        """One DSNAS iteration on one batch: sample, forward, one backward, two updates.
+
+        On a GPU the host waits once a step, for the 20-number credit that the next path's
+        sampling needs, and only after the all-reduce and the weight update were queued: the
+        architecture gradient is formed on the device.
+        """
         searching = self.searching
         path = self.sample_path()
         loss, logits, cost = self.compute_gradients(images, labels, path)
         alpha_grad = self.alpha_gradient(path, cost)
         alpha_grad = self._synchronise(path, alpha_grad)
-        if searching:
-            self._apply_alpha_gradient(alpha_grad)
         self.weight_opt.step()
         self.scheduler.step()
+        if searching:
+            self._apply_alpha_gradient(alpha_grad.cpu())  # the step's one host sync
         self.step_count += 1
 
         newly = []
@@ -313,12 +318,15 @@ class DSNAS:
         return loss, logits, cost
 
     def alpha_gradient(self, path: list[int], cost: torch.Tensor) -> torch.Tensor:
-        """`[L, n]` gradient for alpha (frozen rows zero), on the CPU."""
-        onehot = F.one_hot(torch.tensor(path), self.space.num_choices).float()
-        grad = dsnas_alpha_grad(onehot, F.softmax(self.alpha_matrix(), -1), cost.detach().cpu())
+        """`[L, n]` gradient for alpha (frozen rows zero), on `cost`'s device (no host sync)."""
+        keep = torch.ones(self.space.num_layers, 1)
         for l in self.frozen:
-            grad[l] = 0
-        return grad
+            keep[l] = 0
+        onehot = F.one_hot(torch.tensor(path), self.space.num_choices).float()
+        p = F.softmax(self.alpha_matrix(), -1) * keep
+        host = torch.stack([onehot * keep, p])  # one small copy to the device
+        host = host.to(cost.device, non_blocking=True) if cost.device.type != "cpu" else host
+        return dsnas_alpha_grad(host[0], host[1], cost.detach().float())
 
     def _apply_alpha_gradient(self, alpha_grad: torch.Tensor) -> None:
         cfg = self.config
@@ -369,14 +377,14 @@ class DSNAS:
         for l, k in zip(*torch.nonzero(used, as_tuple=True)):
             params += self.supernet.candidate_parameters(int(l), int(k))
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in params] + [alpha_grad.to(self.device).reshape(-1)])
+                          for p in params] + [alpha_grad.to(self.device).float().reshape(-1)])
         self.collective.all_reduce_sum(flat)
         flat /= world
         offset = 0
         for p in params:
             p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return flat[offset:].view_as(alpha_grad).cpu()
+        return flat[offset:].view_as(alpha_grad)
 
     # -- progressive early stop ----------------------------------------------------------------
     def freeze_settled_layers(self) -> list[int]:

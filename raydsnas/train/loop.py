@@ -112,11 +112,13 @@ def train_func(config: dict[str, Any]) -> None:
     last_eval: dict[str, float] = {}
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
-        loss_sum = correct = seen = 0.0
+        # Summed on the device: reading them every step would make the host wait every step.
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        seen = 0
         for i, (images, labels) in enumerate(data.train(epoch)):
             stats = strategy.step(images, labels)
-            loss_sum += float(stats.loss) * stats.batch_size
-            correct += float(stats.correct)
+            sums += torch.stack([stats.loss.double() * stats.batch_size,
+                                 stats.correct.double()])
             seen += stats.batch_size
             if rank == 0 and (i + 1) % job.search.log_every == 0:
                 rate = seen * world / (time.perf_counter() - t0)
@@ -124,6 +126,8 @@ def train_func(config: dict[str, Any]) -> None:
                       f" loss {float(stats.loss):.4f} acc {float(stats.correct) / stats.batch_size:.3f}"
                       f" entropy {stats.entropy:.3f} frozen {stats.num_frozen}/{space.num_layers}"
                       f" E[FLOPs] {stats.expected_flops / 1e6:.2f}M {rate:.0f} img/s")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's time includes its queued GPU work
         epoch_s = time.perf_counter() - t0
         elapsed_s += epoch_s
         worker_s += epoch_s * world
@@ -139,7 +143,8 @@ def train_func(config: dict[str, Any]) -> None:
             worker_s += end_s * world
             end_metrics["end_search_s"] = end_s
             check_ranks_agree(strategy, collective)
-        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64,
+                                               device=device)])
         collective.all_reduce_sum(totals)
         totals = totals.cpu()
         last = epoch + 1 == total_epochs
