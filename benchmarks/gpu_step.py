@@ -133,7 +133,7 @@ def prime(space: SearchSpace, x: torch.Tensor, y: torch.Tensor) -> None:
 def check_estimate(space: SearchSpace, batch: int, measured_gib: float) -> dict:
     from raydsnas.preflight import estimate_memory
 
-    est = estimate_memory(space, batch, world=1)
+    est = estimate_memory(space, batch, world=1, amp=True)
     return {"estimate_gib": est.total / GiB, "measured_dsnas_peak_gib": measured_gib,
             "estimate_over_measured": est.total / GiB / measured_gib}
 
