@@ -157,7 +157,7 @@ def load_cluster(path: str | Path) -> Capacity:
                 logger.setLevel(level)
             validate_config(config)
             autoscaling = True
-    except Exception as err:  # the schema's and Ray's own messages name the offending key
+    except Exception as err:  # noqa: BLE001 (jsonschema's and Ray's messages name the key)
         raise ConfigError(f"--cluster {path}: Ray rejects this cluster config: "
                           f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
     head = config.get("head_node_type")

@@ -22,3 +22,9 @@ def test_job_config_is_valid(path):
         assert sweep.params
     else:
         load_config(path)
+
+
+def test_local_job_is_the_embedded_default():
+    """jobs/local.yaml writes out exactly what `python -m raydsnas.search` runs with no config."""
+    local = next(p for p in JOBS if p.name == "local.yaml")
+    assert load_config(local).to_dict() == load_config(None).to_dict()
