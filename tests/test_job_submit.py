@@ -74,7 +74,8 @@ def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
         with urllib.request.urlopen(f"{dashboard}/api/jobs/{submission}", timeout=10) as r:
             assert json.loads(r.read())["status"] == "SUCCEEDED"
         logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", dashboard,
-                               submission], env=env, check=False, capture_output=True, text=True, timeout=60)
+                               submission], env=env, check=False, capture_output=True,
+                              text=True, timeout=60)
         subnet = home / "runs" / "dsnas-digits" / "subnet"
         assert f"child network: {subnet}" in logs.stdout, logs.stdout[-3000:]
     finally:

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def dry_run(*args):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "-m", "raydsnas.search", "--dry-run", *args],
-                          cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, check=False, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_default_dry_run_prints_the_facts():

@@ -96,7 +96,8 @@ def test_every_readme_command_is_exercised():
 
 def test_readme_print_config():
     (command,) = [c for c in readme_commands() if c.endswith("--print-config")]
-    out = subprocess.run(command.split(), check=False, cwd=ROOT, check=False, capture_output=True, text=True, timeout=120,
+    out = subprocess.run(command.split(), check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120,
                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
                               f"{os.environ['PATH']}"})
     assert out.returncode == 0, out.stderr
@@ -117,7 +118,8 @@ def test_readme_dry_run_on_s3_shards(s3_server, tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
            "AWS_ENDPOINT_URL": s3_server.endpoint_url,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    out = subprocess.run(command.split(), check=False, cwd=ROOT, check=False, capture_output=True, text=True, timeout=300,
+    out = subprocess.run(command.split(), check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300,
                          env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "s3://my-bucket/imagenet-shards: 1500 train / 297 val samples, 10 classes" in out.stdout
