@@ -36,12 +36,16 @@ if TYPE_CHECKING:  # the config (and Ray Data) are not needed to estimate memory
 
 GiB = 2**30
 HEADROOM = 0.8  # the estimate must fit in this fraction of a device's memory
-# GPU memory (GiB) of common cluster node types; other types need --gpu-memory-gib.
+# GPU memory (GiB) of common cluster node types, and whether the GPU trains in bf16 (Ampere or
+# newer; older ones run the search in fp32). Other types need --gpu-memory-gib.
 GPU_MEMORY_GIB = {
     "p3.": 16, "p3dn.": 32, "g4dn.": 16, "g5.": 24, "g6.": 24, "g6e.": 48, "p4d.": 40,
     "p4de.": 80, "p5.": 80, "p5e.": 141, "p5en.": 141,
     "a2-highgpu-": 40, "a2-megagpu-": 40, "a2-ultragpu-": 80, "a3-": 80, "g2-": 24,
 }
+NO_BF16 = ("p3.", "p3dn.", "g4dn.")
+# Activations a step keeps, relative to one path: SNAS runs every candidate, ProxylessNAS two.
+PATHS_PER_STEP = {"snas": "all", "proxyless": 2}
 
 
 @dataclass
@@ -52,6 +56,7 @@ class NodeType:
     resources: dict[str, float]
     max_nodes: int
     gpu_memory_gib: float | None = None
+    bf16: bool | None = None  # None: unknown
 
 
 @dataclass
@@ -62,6 +67,9 @@ class Capacity:
     node_types: list[NodeType]
     max_worker_nodes: int | None = None  # the cluster's global max_workers (None: no limit)
     autoscaling: bool = True
+    # False for a running cluster seen from outside: nodes may still join, so a request that
+    # does not fit what is there now is a warning, not a problem.
+    complete: bool = True
 
     def workers_fit(self, per_worker: dict[str, float]) -> tuple[int, list[str]]:
         """How many workers of `per_worker` resources the cluster can hold at its largest,
@@ -170,7 +178,8 @@ def load_cluster(path: str | Path) -> Capacity:
             {k: float(v) for k, v in (node.get("resources") or {}).items()},
             1 if name == head else int(node.get("max_workers", 0)),
             next((gib for prefix, gib in GPU_MEMORY_GIB.items() if instance.startswith(prefix)),
-                 None)))
+                 None),
+            (not instance.startswith(NO_BF16)) if instance else None))
     return Capacity(str(path), nodes, int(config.get("max_workers", 0)), autoscaling)
 
 
@@ -180,25 +189,39 @@ def local_capacity() -> Capacity:
 
     resources = {"CPU": float(os.cpu_count() or 1),
                  "memory": float(psutil.virtual_memory().total)}
-    gpu_gib = None
+    gpu_gib, bf16 = None, None
     if torch.cuda.is_available():
         resources["GPU"] = float(torch.cuda.device_count())
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB
-    return Capacity("this machine (a local Ray)", [NodeType("head", resources, 1, gpu_gib)],
+        bf16 = torch.cuda.is_bf16_supported()
+    return Capacity("this machine (a local Ray)", [NodeType("head", resources, 1, gpu_gib, bf16)],
                     autoscaling=False)
 
 
 def running_cluster_capacity(address: str) -> Capacity:
-    """The nodes of the running cluster at `address` now (an autoscaler may add more)."""
+    """The nodes of the running cluster at `address` now. An autoscaler may add more, which
+    this cannot see: requests that do not fit are warnings (pass --cluster FILE for a check
+    against the cluster's limits)."""
     import ray
 
-    ray.init(address=address, logging_level="ERROR")
+    from raydsnas.config import ConfigError
+
+    source = f"the running cluster at {address} (its nodes now; it may autoscale)"
+    if address.startswith(("http://", "https://")):
+        # The dashboard's address (what `ray job` commands take): not a cluster to join.
+        return Capacity(f"{source}: not inspected (RAY_ADDRESS is a dashboard URL)", [],
+                        complete=False)
+    try:
+        ray.init(address=address, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"RAY_ADDRESS={address}: cannot reach the cluster ({err}); unset it "
+                          "to check against this machine, or pass --cluster FILE") from None
     try:
         nodes = [NodeType(n["NodeManagerAddress"], {k: float(v) for k, v in n["Resources"].items()},
                           1) for n in ray.nodes() if n.get("Alive")]
     finally:
         ray.shutdown()
-    return Capacity(f"the running cluster at {address} (nodes now; it may autoscale)", nodes)
+    return Capacity(source, nodes, complete=False)
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -223,8 +246,8 @@ def saved_activation_bytes(space: SearchSpace, arch: list[int], batch: int, *,
     return sum(seen.values())
 
 
-def estimate_memory(space: SearchSpace, batch: int, *, world: int,
-                    amp: bool = False) -> MemoryEstimate:
+def estimate_memory(space: SearchSpace, batch: int, *, world: int, amp: bool = False,
+                    paths: int | str = 1) -> MemoryEstimate:
     """Peak memory of one worker training `space` at per-worker `batch` (module docstring)."""
     arch = space.flops_table().largest()
     supernet = space.supernet()
@@ -235,10 +258,15 @@ def estimate_memory(space: SearchSpace, batch: int, *, world: int,
     fixed = two - 2 * per_sample
     supernet_params = sum(p.numel() for p in supernet.parameters())
     path_params = space.params(arch)
+    # `paths`: how many paths' activations and gradients a step holds ("all": every candidate,
+    # SNAS's whole parent network).
+    factor = space.num_choices if paths == "all" else int(paths)
+    grads = supernet_params if paths == "all" else min(supernet_params, factor * path_params)
     return MemoryEstimate(
         weights=4 * supernet_params, optimizer=4 * supernet_params,
-        gradients=4 * path_params * (2 if world > 1 else 1),
-        activations=max(0, round((fixed + per_sample * batch) * (0.5 if amp else 1.0))),
+        gradients=4 * grads * (2 if world > 1 else 1),
+        activations=max(0, round((fixed + per_sample * batch) * factor
+                                 * (0.5 if amp else 1.0))),
         inputs=batch * space.in_channels * space.input_size ** 2 * (4 + 1))
 
 
@@ -281,8 +309,12 @@ def preflight(job: JobConfig, capacity: Capacity, *,
     params_table = space.params_table()
     params = (space.params(params_table.smallest()), space.params(params_table.largest()))
     batch = search.global_batch_size // counts[0]  # the largest per-worker batch
-    amp = scaling.use_gpu and bool(search.dsnas.get("amp", True))
-    memory = estimate_memory(space, batch, world=counts[0], amp=amp)
+    gpu_nodes = [n for n in capacity.node_types if n.resources.get("GPU", 0) > 0]
+    # bf16 only where every GPU node type is known to train in it (else the fp32 estimate).
+    amp = (scaling.use_gpu and bool(search.dsnas.get("amp", True)) and bool(gpu_nodes)
+           and all(n.bf16 for n in gpu_nodes))
+    memory = estimate_memory(space, batch, world=counts[0], amp=amp,
+                             paths=PATHS_PER_STEP.get(search.strategy, 1))
     steps = num_train // search.global_batch_size
     if search.max_steps_per_epoch:
         steps = min(steps, search.max_steps_per_epoch)
@@ -323,7 +355,11 @@ def _check_fit(pf: Preflight) -> None:
     # Resources: can the cluster hold the workers at all?
     fit, types = pf.capacity.workers_fit(pf.per_worker_resources)
     request = ", ".join(f"{v:g} {k}" for k, v in pf.per_worker_resources.items())
-    if not types:
+    if not pf.capacity.complete:
+        problem = warn  # nodes may still join: say what does not fit now, but do not fail
+    if not pf.capacity.node_types:
+        warn(f"resources not checked against {pf.capacity.source}; pass --cluster FILE")
+    elif not types:
         problem(f"no node of {pf.capacity.source} can hold one worker ({request}; "
                 f"scaling.use_gpu = {scaling.use_gpu}, cpus_per_worker = "
                 f"{scaling.cpus_per_worker:g}, gpus_per_worker = {scaling.gpus_per_worker:g})")
@@ -347,6 +383,7 @@ def _check_fit(pf: Preflight) -> None:
                      "scaling.cpus_per_worker)")
 
     # Memory per worker.
+    problem = pf.problems.append
     need = pf.memory.total
     if scaling.use_gpu:
         if pf.device_memory_gib is None:

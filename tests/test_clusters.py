@@ -47,8 +47,24 @@ def test_launcher_yaml_passes_ray_schema(name):
     assert sum(v["max_workers"] for v in workers.values()) >= 2
     spot = [v["node_config"] for v in workers.values()
             if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
-            or any(s.get("preemptible") for s in v["node_config"].get("scheduling", []))]
+            or v["node_config"].get("scheduling", {}).get("preemptible")]
     assert spot, "spot/preemptible workers are an option"
+    nodes = config["available_node_types"]
+    head = nodes[config["head_node_type"]]["node_config"]
+    if config["provider"]["type"] == "aws":
+        # Every node names its image (the default AMI's driver is too old for CUDA 13 torch),
+        # and a head that launches workers carrying a profile has a profile of its own (which
+        # holds iam:PassRole for it): Ray's default head role cannot pass one.
+        assert all(n["node_config"]["ImageId"].startswith("resolve:ssm:") for n in nodes.values())
+        if any("IamInstanceProfile" in v["node_config"] for v in workers.values()):
+            assert "IamInstanceProfile" in head
+    else:
+        assert all("nvidia-580" in d["initializeParams"]["sourceImage"]
+                   for n in nodes.values() for d in n["node_config"]["disks"])
+        # The head runs as Ray's autoscaler account (it must start instances).
+        assert "serviceAccounts" not in head
+        assert all(v["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
+                   for v in workers.values())
     assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
     setup = " ".join(config["setup_commands"])
     assert "clusters/requirements.txt" in setup and "-e /home/ray/raydsnas" in setup
@@ -82,8 +98,9 @@ def test_kuberay_manifest_passes_ray_autoscaler(name):
     assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 2 and gpu["resources"]["GPU"] == 8
     assert config["available_node_types"]["headgroup"]["resources"]["CPU"] == 0
     if doc["kind"] == "RayJob":
-        assert doc["spec"]["entrypoint"].startswith("python -m raydsnas.search --config jobs/")
-        assert (ROOT / doc["spec"]["entrypoint"].split("--config ")[1].split()[0]).is_file()
+        prefix = "python -m raydsnas.search --config /home/ray/raydsnas/"  # the image's checkout
+        assert doc["spec"]["entrypoint"].startswith(prefix)
+        assert (ROOT / doc["spec"]["entrypoint"][len(prefix):].split()[0]).is_file()
 
 
 @pytest.mark.parametrize("name", LAUNCHER + KUBERAY + ["Dockerfile"])
@@ -115,6 +132,11 @@ def test_pinned_requirements_satisfy_pyproject():
     assert set(pins) == set(ranges)
     for name, version in pins.items():
         assert ranges[name].specifier.contains(version), (name, version, ranges[name])
+    # The `gcp` extra (gcsfs for gs://) is installed pinned, at fsspec's version, where used.
+    (gcs,) = [Requirement(r) for r in project["optional-dependencies"]["gcp"]]
+    for name in ("gcp.yaml", "Dockerfile"):
+        (pin,) = re.findall(r"gcsfs==(\S+)", (ROOT / "clusters" / name).read_text())
+        assert gcs.specifier.contains(pin) and pin == pins["fsspec"]
     assert pins["ray"] == ray.__version__
     dockerfile = (ROOT / "clusters" / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{ray.__version__}-" in dockerfile

@@ -133,3 +133,37 @@ def test_every_job_passes_its_preflight(path):
         result = preflight(job, Capacity("laptop", [NodeType("head", {"CPU": 2}, 1)],
                                          autoscaling=False))
     assert result.ok, result.problems
+
+
+def test_memory_follows_the_strategy_and_the_gpu_generation(tmp_path):
+    """SNAS keeps every candidate's activations, ProxylessNAS two paths'; a pre-Ampere GPU
+    (no bf16: the search runs in fp32) gets no bf16 discount."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "jobs" / "imagenet.yaml").read_text())
+    for key in ("h", "sampling", "alpha_lr"):
+        raw["search"].pop(key)
+    raw["data"]["uri"] = "synthetic:1000/4096/64"
+    memory = {}
+    for strategy in ("dsnas", "snas", "proxyless"):
+        raw["search"]["strategy"] = strategy
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+        result = preflight(load_config(tmp_path / "job.yaml"),
+                           load_cluster(ROOT / "clusters" / "aws.yaml"))
+        memory[strategy] = result.memory
+    assert memory["snas"].activations == pytest.approx(4 * memory["dsnas"].activations, rel=1e-6)
+    assert memory["proxyless"].activations == pytest.approx(2 * memory["dsnas"].activations,
+                                                            rel=1e-6)
+    volta = Capacity("p3", [NodeType("gpu", {"CPU": 64, "GPU": 8}, 2, 16, bf16=False)])
+    ampere = Capacity("p4d", [NodeType("gpu", {"CPU": 96, "GPU": 8}, 2, 40, bf16=True)])
+    job = load_config(ROOT / "jobs" / "imagenet.yaml", ["data.uri=synthetic:1000/4096/64"])
+    fp32, bf16 = preflight(job, volta).memory, preflight(job, ampere).memory
+    assert fp32.activations == pytest.approx(2 * bf16.activations, rel=1e-6)
+
+
+def test_dry_run_with_a_dashboard_address_warns_instead_of_crashing():
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"}
+    out = subprocess.run([sys.executable, "-m", "raydsnas.search", "--dry-run"], cwd=ROOT,
+                         env=env, check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "resources not checked" in out.stdout and "--cluster FILE" in out.stdout
