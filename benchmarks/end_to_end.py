@@ -181,7 +181,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12, help="total epochs of every method")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # One intra-op thread: on a small, shared CPU two threads stall on each other's load.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--population", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--top-k", type=int, default=5)

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines, off
-import torch  # noqa: E402
+import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -153,7 +153,7 @@ class SavedTensorPeak:
 
 
 class _Held:
-    __slots__ = ("owner", "key", "tensor")
+    __slots__ = ("key", "owner", "tensor")
 
     def __init__(self, owner: SavedTensorPeak, key: int, tensor: torch.Tensor):
         self.owner, self.key, self.tensor = owner, key, tensor
@@ -281,10 +281,10 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0, help="CIFAR space width multiplier")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=12, help="timed rounds")
-    parser.add_argument("--profiled", type=int, default=4, help="profiled rounds (phases)")
+    parser.add_argument("--profiled", type=int, default=3, help="profiled rounds (phases)")
     parser.add_argument("--memory-rounds", type=int, default=2)
     parser.add_argument("--rss-repeats", type=int, default=2, help="subprocesses per variant")
-    parser.add_argument("--rss-steps", type=int, default=3)
+    parser.add_argument("--rss-steps", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rss-probe", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -328,8 +328,8 @@ def main() -> None:
                 seconds = timed(one_step, device)
                 if kind == "timed":
                     step_s[name].append(seconds)
-                    eval_s[name].append(timed(lambda runner=runner: runner.predict(x, path),
-                                              device))
+                    eval_s[name].append(timed(
+                        lambda runner=runner, path=path: runner.predict(x, path), device))
             elif kind == "profiled":
                 for phase, seconds in phase_times(one_step, device).items():
                     phases[name][phase].append(seconds)
