@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -43,7 +42,6 @@ import sys
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines, off
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
