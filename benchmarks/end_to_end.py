@@ -21,6 +21,10 @@ and `end_search` in-process (no Ray), as `raydsnas.train.loop` drives them; the 
 built-in digits as normalised tensors (`raydsnas.analysis.digits_data`) in `TensorBatches`
 (no crop augmentation, unlike the Ray pipeline). The method order rotates from seed to seed.
 
+Caveat: as in the Ray loop, SPOS and random search score their candidates on the validation
+split that the final top-1 is then measured on (297 digits), so their selection sees the test
+data; DSNAS never does. This favours the two-stage rows.
+
     python benchmarks/end_to_end.py                     # E = 12, seeds 0 1 2, ~10 min on 2 cores
     python benchmarks/end_to_end.py --epochs 20 --seeds 5
 """
