@@ -331,11 +331,16 @@ def main() -> None:
             elif kind == "profiled":
                 for phase, seconds in phase_times(one_step, device).items():
                     phases[name][phase].append(seconds)
-            else:
-                saved[name].append(SavedTensorPeak().measure(one_step))
+            else:  # one step: its saved-tensor peak and, on GPU, its allocator peak
+                counter = SavedTensorPeak()
                 if device.type == "cuda":
-                    cuda_peak[name].append(cuda_peak_bytes(one_step, device))
-        assert dsnas.step_count == i + 1 and not dsnas.frozen
+                    cuda_peak[name].append(cuda_peak_bytes(
+                        lambda counter=counter, one_step=one_step: counter.measure(one_step),
+                        device))
+                else:
+                    counter.measure(one_step)
+                saved[name].append(counter.peak)
+        assert dsnas.step_count == i + 1 and not dsnas.frozen  # one step a round, no pruning
 
     rss = rss_deltas(args, first_path, args.rss_repeats) if device.type == "cpu" else None
 
