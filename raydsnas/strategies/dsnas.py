@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from raydsnas.space import SearchSpace
 from raydsnas.space.child import ChildNet
@@ -278,10 +279,11 @@ class DSNAS:
         loss, logits, cost = self.compute_gradients(images, labels, path)
         alpha_grad = self.alpha_gradient(path, cost)
         alpha_grad = self._synchronise(path, alpha_grad)
-        self.weight_opt.step()
-        self.scheduler.step()
-        if searching:
-            self._apply_alpha_gradient(alpha_grad.cpu())  # the step's one host sync
+        with record_function("raydsnas.optimizer"):
+            self.weight_opt.step()
+            self.scheduler.step()
+            if searching:
+                self._apply_alpha_gradient(alpha_grad.cpu())  # the step's one host sync
         self.step_count += 1
 
         newly = []
@@ -307,12 +309,14 @@ class DSNAS:
         track = self.searching
         ones = [torch.ones((), device=self.device, requires_grad=True)
                 if track and l not in self.frozen else None for l in range(len(path))]
-        with self._autocast():
-            logits = self.supernet(images, path, ones)
-        loss = F.cross_entropy(_at_least_fp32(logits), labels,
-                               label_smoothing=self.config.label_smoothing)
+        with record_function("raydsnas.forward"):
+            with self._autocast():
+                logits = self.supernet(images, path, ones)
+            loss = F.cross_entropy(_at_least_fp32(logits), labels,
+                                   label_smoothing=self.config.label_smoothing)
         self.weight_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with record_function("raydsnas.backward"):
+            loss.backward()
         cost = torch.stack([one.grad if one is not None and one.grad is not None
                             else torch.zeros((), device=self.device) for one in ones])
         return loss, logits, cost

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from raydsnas.space import SearchSpace
 from raydsnas.strategies.base import AlphaSearch, TrainingConfig, forward_layers
@@ -119,9 +120,12 @@ class ProxylessNAS(AlphaSearch):
             i, j = int(pairs[l, 0]), int(pairs[l, 1])
             return gates[l, 0] * candidates[names[i]](x) + gates[l, 1] * candidates[names[j]](x)
 
-        with self._autocast():
-            logits = forward_layers(self.supernet, self._prepare(images), two_paths)
-        (grad,) = torch.autograd.grad(self._loss(logits, labels), gates)
+        with record_function("raydsnas.forward"):
+            with self._autocast():
+                logits = forward_layers(self.supernet, self._prepare(images), two_paths)
+            loss = self._loss(logits, labels)
+        with record_function("raydsnas.backward"):
+            (grad,) = torch.autograd.grad(loss, gates)
         return grad
 
     def _apply_pair_update(self, pairs: torch.Tensor, alpha_grad: torch.Tensor) -> None:
@@ -139,16 +143,20 @@ class ProxylessNAS(AlphaSearch):
         path, pairs, active = self.sample()
         self.supernet.train()
         self.weight_opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            logits = self.supernet(self._prepare(images), path)
-        loss = self._loss(logits, labels)
-        loss.backward()
+        with record_function("raydsnas.forward"):
+            with self._autocast():
+                logits = self.supernet(self._prepare(images), path)
+            loss = self._loss(logits, labels)
+        with record_function("raydsnas.backward"):
+            loss.backward()
         self.average_gradients(self.path_parameters(path))
-        self._weight_step()
+        with record_function("raydsnas.optimizer"):
+            self._weight_step()
         if searching:
             gate_grad = self.gate_gradients(images, labels, pairs, active).float().cpu()
             gate_grad = self.average_gradients([], gate_grad)
-            self._apply_pair_update(pairs, binary_gate_alpha_grad(self.alpha_matrix(), pairs,
-                                                                  gate_grad))
+            with record_function("raydsnas.optimizer"):
+                self._apply_pair_update(pairs, binary_gate_alpha_grad(self.alpha_matrix(),
+                                                                      pairs, gate_grad))
         self.step_count += 1
         return self._stats(loss, logits, labels, path, searching=searching)

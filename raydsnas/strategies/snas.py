@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from raydsnas.space import SearchSpace
 from raydsnas.strategies.base import AlphaSearch, TrainingConfig, forward_layers
@@ -129,12 +130,14 @@ class SNAS(AlphaSearch):
         self.supernet.train()
         self.weight_opt.zero_grad(set_to_none=True)
         self.alpha_opt.zero_grad(set_to_none=True)
-        z = relaxed_choice(self.alpha, gumbel.to(self.alpha.device), self.temperature(),
-                           self.config.hard)
-        with self._autocast():
-            logits = self.forward_mixed(images, z.to(self.device))
-        loss = self._loss(logits, labels)
-        loss.backward()
+        with record_function("raydsnas.forward"):
+            z = relaxed_choice(self.alpha, gumbel.to(self.alpha.device), self.temperature(),
+                               self.config.hard)
+            with self._autocast():
+                logits = self.forward_mixed(images, z.to(self.device))
+            loss = self._loss(logits, labels)
+        with record_function("raydsnas.backward"):
+            loss.backward()
         return loss, logits
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
@@ -143,8 +146,9 @@ class SNAS(AlphaSearch):
         gumbel = self.sample_gumbel()
         loss, logits = self.compute_gradients(images, labels, gumbel)
         alpha_grad = self.average_gradients(self.supernet.parameters(), self.alpha.grad.detach())
-        self._apply_alpha_gradient(alpha_grad)
-        self._weight_step()
+        with record_function("raydsnas.optimizer"):
+            self._apply_alpha_gradient(alpha_grad)
+            self._weight_step()
         self.step_count += 1
         path = (self.alpha.detach() + gumbel).argmax(-1).tolist()
         return self._stats(loss, logits, labels, path, searching=True)

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from raydsnas.evaluation import recalibrate_bn
 from raydsnas.space import SearchSpace
@@ -295,12 +296,15 @@ class SPOS(SupernetTrainer):
         path = self.sample_path()
         self.supernet.train()
         self.weight_opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            logits = self.supernet(self._prepare(images), path)
-        loss = self._loss(logits, labels)
-        loss.backward()
+        with record_function("raydsnas.forward"):
+            with self._autocast():
+                logits = self.supernet(self._prepare(images), path)
+            loss = self._loss(logits, labels)
+        with record_function("raydsnas.backward"):
+            loss.backward()
         self.average_gradients(self.path_parameters(path))
-        self._weight_step()
+        with record_function("raydsnas.optimizer"):
+            self._weight_step()
         self.step_count += 1
         return self._stats(loss, logits, labels, path, searching=self.phase == "supernet")
 
