@@ -368,6 +368,11 @@ def main() -> None:
               f"{m[v] / 2**20:10.1f}{second[v] / 2**20:9.1f}{t[v] / t['dsnas']:11.3f}"
               f"{m[v] / m['dsnas']:12.3f}{second[v] / second['dsnas']:11.3f}")
 
+    if device.type == "cuda":
+        print("note: on CUDA the fwd/bwd/opt/other columns are the profiler's host-side ranges "
+              "(kernel launches; backward runs on autograd's own thread and reads ~0), not GPU "
+              "time; step_ms is the GPU-synchronised step time")
+
     mem2 = "rss" if rss else "cuda peak"
     checks = [
         ("dsnas/child time", t["dsnas"] / t["child"], "<= 1.05", lambda r: r <= 1.05),
