@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums
 from raydsnas.space import SearchSpace
@@ -257,6 +258,23 @@ class SupernetTrainer:
     def _weight_step(self) -> None:
         self.weight_opt.step()
         self.scheduler.step()
+
+    def _path_step(self, images: torch.Tensor, labels: torch.Tensor,
+                   path: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward on `path`, gradients averaged over ranks, one weight update;
+        returns (loss, logits)."""
+        self.supernet.train()
+        self.weight_opt.zero_grad(set_to_none=True)
+        with record_function("raydsnas.forward"):
+            with self._autocast():
+                logits = self.supernet(self._prepare(images), path)
+            loss = self._loss(logits, labels)
+        with record_function("raydsnas.backward"):
+            loss.backward()
+        self.average_gradients(self.path_parameters(path))
+        with record_function("raydsnas.optimizer"):
+            self._weight_step()
+        return loss, logits
 
     def _stats(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                path: list[int], searching: bool) -> StepStats:

@@ -141,17 +141,7 @@ class ProxylessNAS(AlphaSearch):
         """One ProxylessNAS iteration: a single-path weight step, then a two-path alpha step."""
         searching = self.searching
         path, pairs, active = self.sample()
-        self.supernet.train()
-        self.weight_opt.zero_grad(set_to_none=True)
-        with record_function("raydsnas.forward"):
-            with self._autocast():
-                logits = self.supernet(self._prepare(images), path)
-            loss = self._loss(logits, labels)
-        with record_function("raydsnas.backward"):
-            loss.backward()
-        self.average_gradients(self.path_parameters(path))
-        with record_function("raydsnas.optimizer"):
-            self._weight_step()
+        loss, logits = self._path_step(images, labels, path)
         if searching:
             gate_grad = self.gate_gradients(images, labels, pairs, active).float().cpu()
             gate_grad = self.average_gradients([], gate_grad)

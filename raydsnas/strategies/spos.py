@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from raydsnas.evaluation import recalibrate_bn
 from raydsnas.space import SearchSpace
@@ -294,17 +293,7 @@ class SPOS(SupernetTrainer):
         """One single-path step: a uniform path in the FLOPs band (or the chosen child in the
         final phase), forward, backward, gradients averaged over ranks, SGD."""
         path = self.sample_path()
-        self.supernet.train()
-        self.weight_opt.zero_grad(set_to_none=True)
-        with record_function("raydsnas.forward"):
-            with self._autocast():
-                logits = self.supernet(self._prepare(images), path)
-            loss = self._loss(logits, labels)
-        with record_function("raydsnas.backward"):
-            loss.backward()
-        self.average_gradients(self.path_parameters(path))
-        with record_function("raydsnas.optimizer"):
-            self._weight_step()
+        loss, logits = self._path_step(images, labels, path)
         self.step_count += 1
         return self._stats(loss, logits, labels, path, searching=self.phase == "supernet")
 
