@@ -8,6 +8,7 @@ import copy
 import hashlib
 import io
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -362,7 +363,9 @@ def build_datasets(spec: DataSpec, *, start_epoch: int = 0) -> DataSets:
                 )
             verify_shards(fs, root, uri, manifest, split)
     if not ray.is_initialized():
-        ray.init()  # what Ray Data would do on first use; the node address below needs it now
+        # What Ray Data would do on first use (the node address below needs it now): the
+        # cluster RAY_ADDRESS names, else a new local one (not a stale `ray start` head's).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     skipped = SkippedImages() if spec.skip_corrupt else None
     split_dataset = partial(
         _split_dataset,

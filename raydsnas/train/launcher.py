@@ -62,8 +62,11 @@ def connect_ray() -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        # One machine: keep gloo on loopback (hosts with several interfaces pick badly).
-        ray.init(logging_level="WARNING",
+        # A new Ray on this machine. `address="local"`: without it, ray.init() joins the cluster
+        # that /tmp/ray/ray_current_cluster names, which may be a `ray start` head that is
+        # long gone (the driver then waits for it forever). One machine: keep gloo on loopback
+        # (hosts with several interfaces pick badly).
+        ray.init(address="local", logging_level="WARNING",
                  runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
 
 
