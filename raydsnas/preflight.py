@@ -323,8 +323,7 @@ def preflight(job: JobConfig, capacity: Capacity, *,
                  if n.gpu_memory_gib and n.resources.get("GPU", 0) > 0}
         gpu_memory_gib = min(known) if known else None
     result = Preflight(job, capacity, num_classes, num_train, num_val, counts, per_worker, steps,
-                       sum(p.numel() for p in space.supernet().parameters()), flops, params,
-                       memory, gpu_memory_gib)
+                       memory.weights // 4, flops, params, memory, gpu_memory_gib)
     _check_fit(result)
     return result
 

@@ -24,10 +24,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dry_run(*args):
+    """The CLI in its own process (as users run it)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "-m", "raydsnas.search", "--dry-run", *args],
                           cwd=ROOT, env=env, check=False, capture_output=True, text=True,
                           timeout=300)
+
+
+def dry_run_here(capsys, monkeypatch, *args):
+    """The same CLI entry point in this process (no interpreter start-up per call)."""
+    from types import SimpleNamespace
+
+    from raydsnas.search import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(["--dry-run", *args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def test_default_dry_run_prints_the_facts():
@@ -59,27 +73,31 @@ def test_imagenet_job_fits_every_cluster_file():
             round(result.flops_range[1] / 1e4) == 39861
 
 
-def test_dry_run_fails_early_on_jobs_that_cannot_fit():
-    out = dry_run("--config", "jobs/imagenet.yaml", "--cluster", "clusters/aws.yaml",
-                  "--set", "data.uri=synthetic:1000/4096/64", "--set", "scaling.num_workers=24",
-                  "--set", "search.global_batch_size=1020")
+def test_dry_run_fails_early_on_jobs_that_cannot_fit(capsys, monkeypatch):
+    out = dry_run_here(capsys, monkeypatch, "--config", "jobs/imagenet.yaml",
+                       "--cluster", "clusters/aws.yaml",
+                       "--set", "data.uri=synthetic:1000/4096/64",
+                       "--set", "scaling.num_workers=24",
+                       "--set", "search.global_batch_size=1020")
     assert out.returncode == 2
     assert "search.global_batch_size = 1020 does not divide over 24 workers" in out.stdout
     assert "needs 24 workers (24 GPUs); clusters/aws.yaml holds at most 16" in out.stdout
     assert "preflight: FAILED (2 problem(s))" in out.stdout
     # A GPU job on this CPU-only machine, without a cluster file.
-    out = dry_run("--config", "jobs/cifar-like.yaml", "--set", "data.uri=synthetic:10/512/64")
+    out = dry_run_here(capsys, monkeypatch, "--config", "jobs/cifar-like.yaml",
+                       "--set", "data.uri=synthetic:10/512/64")
     if not torch.cuda.is_available():
         assert out.returncode == 2 and "no node of this machine" in out.stdout
     # A batch too large for the GPU the user names.
-    out = dry_run("--config", "jobs/imagenet.yaml", "--cluster", "clusters/kuberay-cluster.yaml",
-                  "--set", "data.uri=synthetic:1000/65536/64", "--set",
-                  "search.global_batch_size=16384", "--gpu-memory-gib", "16")
+    out = dry_run_here(capsys, monkeypatch, "--config", "jobs/imagenet.yaml",
+                       "--cluster", "clusters/kuberay-cluster.yaml",
+                       "--set", "data.uri=synthetic:1000/65536/64",
+                       "--set", "search.global_batch_size=16384", "--gpu-memory-gib", "16")
     assert out.returncode == 2 and "exceeds 80% of the GPU's 16 GiB" in out.stdout
     # An unreachable data set names its URL; a bad cluster file names itself.
-    out = dry_run("--set", "data.uri=/nonexistent/shards")
+    out = dry_run_here(capsys, monkeypatch, "--set", "data.uri=/nonexistent/shards")
     assert out.returncode == 2 and "/nonexistent/shards" in out.stderr
-    out = dry_run("--cluster", "clusters/missing.yaml")
+    out = dry_run_here(capsys, monkeypatch, "--cluster", "clusters/missing.yaml")
     assert out.returncode == 2 and "clusters/missing.yaml" in out.stderr
 
 
