@@ -112,6 +112,15 @@ class TrainingConfig:
                "an integer >= 1")
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "a number >= 0")
 
+    def check_alpha_optimizer(self) -> None:
+        """Validate (and normalise) the `alpha_lr`, `alpha_betas`, `alpha_init_std` keys of a
+        strategy config that learns alpha with Adam (`AlphaSearch`)."""
+        self.alpha_betas = tuple(self.alpha_betas)
+        _check(self.alpha_lr >= 0, "alpha_lr", self.alpha_lr, "a number >= 0")
+        _check(len(self.alpha_betas) == 2 and all(0 <= b < 1 for b in self.alpha_betas),
+               "alpha_betas", self.alpha_betas, "two numbers in [0, 1)")
+        _check(self.alpha_init_std >= 0, "alpha_init_std", self.alpha_init_std, "a number >= 0")
+
     @property
     def total_steps(self) -> int:
         return max(1, round(self.epochs * self.steps_per_epoch))

@@ -60,11 +60,7 @@ class ProxylessConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.alpha_betas = tuple(self.alpha_betas)
-        _check(self.alpha_lr >= 0, "alpha_lr", self.alpha_lr, "a number >= 0")
-        _check(len(self.alpha_betas) == 2 and all(0 <= b < 1 for b in self.alpha_betas),
-               "alpha_betas", self.alpha_betas, "two numbers in [0, 1)")
-        _check(self.alpha_init_std >= 0, "alpha_init_std", self.alpha_init_std, "a number >= 0")
+        self.check_alpha_optimizer()
         _check(0 <= self.arch_warmup_epochs <= self.epochs, "arch_warmup_epochs",
                self.arch_warmup_epochs, f"a number in [0, epochs={self.epochs}]")
 
