@@ -285,6 +285,13 @@ def parse_config(raw: Mapping[str, Any]) -> JobConfig:
     except DataSpecError as err:
         raise ConfigError(str(err)) from None
     search = _parse_search(_section(raw, "search"))
+    if search.strategy == "fixed":  # the architecture must fit the space
+        from raydsnas.strategies.fixed import resolve_arch
+
+        try:
+            resolve_arch(space.build(10), search.dsnas.get("arch"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     scaling = _parse_scaling(_section(raw, "scaling"))
     storage_raw = raw.get("storage", {})
     if isinstance(storage_raw, str):

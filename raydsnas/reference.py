@@ -155,8 +155,9 @@ def _default(field: dataclasses.Field, section: Section) -> str:
         return "required"
     if isinstance(value, tuple):
         value = list(value)
-    if isinstance(value, float) and value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-        return f"`{value:.3g}`"
+    if isinstance(value, float) and value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6
+                                                    or len(repr(value)) > 8):
+        return f"`{value:.4g}`"
     return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
 
 

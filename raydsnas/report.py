@@ -13,6 +13,7 @@ import argparse
 import html
 import io
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -80,7 +81,14 @@ def _svg(plot_id: str, parts: list[str]) -> str:
 
 
 def line_chart(plot_id: str, title: str, series: Mapping[str, Sequence[tuple[float, float]]],
-               xlabel: str, ylabel: str) -> str:
+               xlabel: str, ylabel: str, marker: tuple[float, str] | None = None,
+               log_y: bool = False) -> str:
+    """One polyline per series; `marker` = (x, label) draws a dashed vertical line there (e.g.
+    where the search ended); `log_y` plots log10 of positive values."""
+    if log_y:
+        series = {name: [(x, math.log10(y)) for x, y in pts if y is not None and y > 0]
+                  for name, pts in series.items()}
+        ylabel = f"log10 {ylabel}"
     points = [p for s in series.values() for p in s]
     if not points:
         return _svg(plot_id, _axes(title + " (no data)", xlabel, ylabel, (0, 1), (0, 1)))
@@ -95,6 +103,12 @@ def line_chart(plot_id: str, title: str, series: Mapping[str, Sequence[tuple[flo
                      'stroke-width="2"/>')
         parts.append(f'<text x="{W - PAD / 2 - 4}" y="{PAD / 2 + 14 * (i + 1)}" text-anchor="end" '
                      f'fill="{color}">{html.escape(name)}</text>')
+    if marker is not None and xr[0] <= marker[0] <= xr[1]:
+        x = sx(marker[0])
+        parts.append(f'<line class="marker" x1="{x:.1f}" y1="{PAD / 2}" x2="{x:.1f}" '
+                     f'y2="{H - PAD}" stroke="#555" stroke-dasharray="4 3"/>'
+                     f'<text x="{x + 3:.1f}" y="{PAD / 2 + 12}" font-size="10" fill="#555">'
+                     f'{html.escape(marker[1])}</text>')
     return _svg(plot_id, parts)
 
 
@@ -150,10 +164,29 @@ def heatmap(plot_id: str, title: str, rows: Sequence[str], columns: Sequence[Any
 
 
 # -- pages -----------------------------------------------------------------------------------------
+def search_end(history: list[dict]) -> tuple[float, str] | None:
+    """(epoch, label) of the epoch in which the search ended (every layer frozen), if it did."""
+    ended = next((h for h in history if h.get("search_end_epoch") is not None), None)
+    if ended is None:
+        return None
+    return float(ended["search_end_epoch"]), "search ended"
+
+
 def run_section(name: str, history: list[dict], choices: Sequence[str] | None = None) -> str:
     epochs = [h["epoch"] for h in history]
     probs = [h["probs"] for h in history if "probs" in h]
     parts = [f"<h2>Run {html.escape(name)}</h2>"]
+    marker = search_end(history)
+    ended = next((h for h in history if h.get("search_end_epoch") is not None), None)
+    if ended is not None:
+        forced = ended.get("forced_frozen", 0)
+        parts.append(f'<p id="search-end">The search ended in epoch {ended["search_end_epoch"]} '
+                     f'(step {ended["search_end_step"]}): {len(ended["probs"]) - forced} '
+                     f'layer(s) frozen by h, {forced} by the freeze_by deadline; after it the '
+                     'run trains the child alone.</p>')
+    elif history and "probs" in history[-1]:
+        parts.append('<p id="search-end">The search did not end: some layers were still '
+                     'searched at the last epoch (their weights stayed shared).</p>')
     if probs:
         layers, n = len(probs[0]), len(probs[0][0])
         names = choices or [f"c{k}" for k in range(n)]
@@ -163,21 +196,46 @@ def run_section(name: str, history: list[dict], choices: Sequence[str] | None = 
                              rows, epochs[-len(probs):], values))
     parts.append(line_chart(f"entropy-{name}", "mean entropy of the architecture distribution",
                             {"entropy": [(h["epoch"], h["entropy"]) for h in history]},
-                            "epoch", "nats"))
+                            "epoch", "nats", marker))
     parts.append(line_chart(f"frozen-{name}", "frozen layers",
                             {"frozen": [(h["epoch"], h["frozen"]) for h in history]},
-                            "epoch", "layers"))
+                            "epoch", "layers", marker))
+    credit = [h for h in history if h.get("credit")]
+    if credit:
+        layers = len(credit[0]["credit"])
+        parts.append(line_chart(
+            f"credit-{name}", "credit |dL/d(one_l)| per layer (running mean while searched)",
+            {f"L{l}": [(h["epoch"], h["credit"][l]) for h in credit] for l in range(layers)},
+            "epoch", "|credit|", marker, log_y=True))
+        parts.append(credit_table(credit[-1]["credit"]))
     parts.append(line_chart(f"accuracy-{name}", "accuracy", {
         "train top-1": [(h["epoch"], h["train_top1"]) for h in history],
         "val top-1 (argmax)": [(h["epoch"], h["val_top1"]) for h in history if "val_top1" in h]},
-        "epoch", "top-1"))
+        "epoch", "top-1", marker))
     parts.append(line_chart(f"loss-{name}", "training loss",
                             {"loss": [(h["epoch"], h["train_loss"]) for h in history]},
-                            "epoch", "loss"))
+                            "epoch", "loss", marker))
     if history:
         parts.append(f"<p>final argmax architecture: <code>{html.escape(str(history[-1].get('arch')))}"
                      f"</code>, expected FLOPs {history[-1]['expected_flops'] / 1e6:.3f}M</p>")
     return "\n".join(parts)
+
+
+def credit_table(credit: Sequence[float | None]) -> str:
+    """Per layer: its credit and its ratio to the median layer's. A layer far below the
+    median (< 1e-2 of it) is barely steered by the loss: its choice moves on noise."""
+    known = sorted(v for v in credit if v)
+    median = known[len(known) // 2] if known else None
+    cells = []
+    for l, v in enumerate(credit):
+        ratio = v / median if v and median else None
+        weak = ratio is not None and ratio < 1e-2
+        cells.append(f"<tr{' class=weak' if weak else ''}><td>L{l}</td>"
+                     f"<td>{'' if v is None else f'{v:.3g}'}</td>"
+                     f"<td>{'' if ratio is None else f'{ratio:.3g}'}</td>"
+                     f"<td>{'barely steered' if weak else ''}</td></tr>")
+    return ('<table id="credit"><tr><th>layer</th><th>credit</th><th>/ median</th><th></th>'
+            f'</tr>{"".join(cells)}</table>')
 
 
 def sweep_section(summary: dict, histories: Mapping[str, list[dict]]) -> str:

@@ -91,7 +91,7 @@ def test_dsnas_alpha_grad_is_the_score_function_times_cost():
 
 
 def test_step_runs_and_updates_only_the_sampled_path_and_moves_alpha_by_its_gradient():
-    d = make(alpha_lr=0.01)
+    d = make(alpha_lr=0.01, idle_grad="none")  # SPOS's convention: idle candidates untouched
     x, y = batch(1)
     path = d.sample_path()  # deterministic in (seed, step): the path step() will take
     cost = cost_by_autograd(d, x, y, path)
@@ -124,6 +124,38 @@ def test_step_runs_and_updates_only_the_sampled_path_and_moves_alpha_by_its_grad
     delta = d.alpha_matrix() - alpha_before
     big = grad.abs() > 1e-4
     torch.testing.assert_close(delta[big], -0.01 * grad[big].sign(), rtol=1e-3, atol=1e-6)
+
+
+def test_idle_candidates_get_zero_gradients_so_momentum_and_weight_decay_move_them():
+    """`idle_grad: zero` (the reference code): a candidate off the path has a zero gradient,
+    so SGD moves it by weight decay and its momentum buffer, as computed here by hand."""
+    d = make(idle_grad="zero", weight_decay=0.01, momentum=0.9, warmup_epochs=0)
+    lr, wd, mom = 0.05, 0.01, 0.9
+    paths = [d.sample_path()]
+    before = {k: v.clone() for k, v in d.supernet.state_dict().items()}
+    d.step(*batch(1))
+    paths.append(d.sample_path())
+    mid = {k: v.clone() for k, v in d.supernet.state_dict().items()}
+    lr2 = d.weight_opt.param_groups[0]["lr"]
+    d.step(*batch(2))
+    checked = 0
+    for l, layer in enumerate(d.supernet.layers):
+        for name, block in layer.items():
+            k = SPACE.choice_names.index(name)
+            if k in (paths[0][l], paths[1][l]):
+                continue
+            for pname, p in block.named_parameters():
+                key = f"layers.{l}.{name}.{pname}"
+                assert p.grad is not None and torch.count_nonzero(p.grad) == 0, key
+                decay = wd if p.ndim > 1 else 0.0
+                p0 = before[key]
+                buf = decay * p0                                   # step 1: buf = g + wd*p
+                p1 = p0 - lr * buf
+                torch.testing.assert_close(mid[key], p1)
+                buf = mom * buf + decay * p1                       # step 2: momentum + wd
+                torch.testing.assert_close(p.detach(), p1 - lr2 * buf)
+                checked += int(decay > 0)
+    assert checked > 0
 
 
 def test_layers_freeze_exactly_when_the_gap_reaches_h():

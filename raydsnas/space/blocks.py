@@ -36,11 +36,11 @@ class ConvBN:
         weights = self.cout * (self.cin // self.groups) * self.kernel * self.kernel
         return weights * out * out, weights + 2 * self.cout, out
 
-    def build(self) -> list[nn.Module]:
+    def build(self, bn_eps: float = 1e-5) -> list[nn.Module]:
         layers: list[nn.Module] = [
             nn.Conv2d(self.cin, self.cout, self.kernel, self.stride, self.kernel // 2,
                       groups=self.groups, bias=False),
-            nn.BatchNorm2d(self.cout),
+            nn.BatchNorm2d(self.cout, eps=bn_eps),
         ]
         if self.relu:
             layers.append(nn.ReLU(inplace=True))
@@ -122,14 +122,15 @@ def split_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ChoiceBlock(nn.Module):
-    """A ShuffleNetV2 block built from a `BlockSpec`."""
+    """A ShuffleNetV2 block built from a `BlockSpec` (BatchNorm epsilon `bn_eps`)."""
 
-    def __init__(self, spec: BlockSpec):
+    def __init__(self, spec: BlockSpec, bn_eps: float = 1e-5):
         super().__init__()
         self.name = spec.name
         self.stride = spec.stride
-        self.main = nn.Sequential(*[m for conv in spec.main for m in conv.build()])
-        self.proj = nn.Sequential(*[m for conv in spec.proj for m in conv.build()]) if spec.proj else None
+        self.main = nn.Sequential(*[m for conv in spec.main for m in conv.build(bn_eps)])
+        self.proj = (nn.Sequential(*[m for conv in spec.proj for m in conv.build(bn_eps)])
+                     if spec.proj else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.proj is None:

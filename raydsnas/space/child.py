@@ -18,7 +18,7 @@ class Head(nn.Module):
 
     def __init__(self, space: SearchSpace):
         super().__init__()
-        self.conv = nn.Sequential(*space.head_spec().build())
+        self.conv = nn.Sequential(*space.head_spec().build(space.bn_eps))
         self.dropout = nn.Dropout(space.dropout) if space.dropout > 0 else nn.Identity()
         self.classifier = nn.Linear(space.head_c, space.num_classes)
 
@@ -28,7 +28,7 @@ class Head(nn.Module):
 
 
 def build_stem(space: SearchSpace) -> nn.Sequential:
-    return nn.Sequential(*space.stem_spec().build())
+    return nn.Sequential(*space.stem_spec().build(space.bn_eps))
 
 
 class ChildNet(nn.Module):
@@ -40,7 +40,7 @@ class ChildNet(nn.Module):
         self.arch = space.validate_arch(arch)
         specs = space.layer_specs()
         self.stem = build_stem(space)
-        self.blocks = nn.Sequential(*(ChoiceBlock(specs[l][k]) for l, k in enumerate(self.arch)))
+        self.blocks = nn.Sequential(*(ChoiceBlock(specs[l][k], space.bn_eps) for l, k in enumerate(self.arch)))
         self.head = Head(space)
         self.meta: dict = {}
 

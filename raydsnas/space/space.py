@@ -13,6 +13,7 @@ import torch
 from raydsnas.space.blocks import CHOICE_NAMES, BlockSpec, ConvBN, choice_spec
 
 Arch = Sequence[int]
+LEGACY_BN_EPS = 1e-5  # every BatchNorm's epsilon before `SearchSpace.bn_eps` existed
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class SearchSpace:
         choices: the candidate blocks of every layer, a subset of `choice_3`, `choice_5`,
             `choice_7` (ShuffleNetV2 blocks with 3x3/5x5/7x7 depthwise kernels) and
             `choice_x` (the Xception-like block of three 3x3 depthwise convolutions).
+        bn_eps: epsilon of every BatchNorm. 1e-2 is the DSNAS reference code's value (PyTorch's
+            default is 1e-5): in training mode BatchNorm undoes a rescaling of a block's output
+            wherever the next convolution sees every channel scaled alike, so the search's
+            credit `dL/d(one_l)` of such layers comes only from epsilon; a larger epsilon makes
+            it real. The exported child keeps the value it was trained with.
     """
 
     num_classes: int = 1000
@@ -79,6 +85,7 @@ class SearchSpace:
     dropout: float = 0.1
     in_channels: int = 3
     choices: tuple[str, ...] = CHOICE_NAMES
+    bn_eps: float = 1e-2
 
     def __post_init__(self) -> None:
         # Accept lists from YAML/JSON; store tuples so the space stays hashable and printable.
@@ -116,11 +123,13 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        """The space of a config or a record. A record written before `bn_eps` existed
+        (no such key) was trained with PyTorch's default, 1e-5."""
         allowed = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ValueError(f"space: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-        return cls(**data)
+        return cls(**{"bn_eps": LEGACY_BN_EPS, **data})
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -55,7 +55,7 @@ class Supernet(nn.Module):
         self.space = space
         self.stem = build_stem(space)
         self.layers = nn.ModuleList(
-            nn.ModuleDict({spec.name: ChoiceBlock(spec) for spec in candidates})
+            nn.ModuleDict({spec.name: ChoiceBlock(spec, space.bn_eps) for spec in candidates})
             for candidates in space.layer_specs()
         )
         self.head = Head(space)
@@ -90,6 +90,10 @@ class Supernet(nn.Module):
     def child_state_dict(self, arch: Arch) -> dict[str, torch.Tensor]:
         """The state dict of `ChildNet(space, arch)`, taken from this supernet's tensors."""
         arch = self.space.validate_arch(arch)
+        for l, k in enumerate(arch):
+            if self.space.choices[k] not in self.layers[l]:
+                raise ValueError(f"arch {arch}: layer {l}'s candidate {self.space.choices[k]} "
+                                 f"was pruned when the layer froze on {list(self.layers[l])}")
         state = {}
         for key, value in self.state_dict().items():
             if key.startswith("layers."):

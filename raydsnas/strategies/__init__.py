@@ -14,6 +14,7 @@ from raydsnas.strategies.collective import (
                                             default_collective,
 )
 from raydsnas.strategies.dsnas import DSNAS, DSNASConfig, StepStats, dsnas_alpha_grad
+from raydsnas.strategies.fixed import FixedArchitecture, FixedConfig, resolve_arch
 from raydsnas.strategies.proxyless import ProxylessConfig, ProxylessNAS
 from raydsnas.strategies.snas import SNAS, SNASConfig
 from raydsnas.strategies.spos import SPOS, RandomSearch, RandomSearchConfig, SPOSConfig
@@ -24,6 +25,7 @@ STRATEGIES: dict[str, tuple[type, type]] = {
     "proxyless": (ProxylessConfig, ProxylessNAS),
     "spos": (SPOSConfig, SPOS),
     "random": (RandomSearchConfig, RandomSearch),
+    "fixed": (FixedConfig, FixedArchitecture),
 }
 
 
@@ -43,6 +45,8 @@ __all__ = [
     "STRATEGIES",
     "Collective",
     "DSNASConfig",
+    "FixedArchitecture",
+    "FixedConfig",
     "LocalCollective",
     "ProxylessConfig",
     "ProxylessNAS",
@@ -58,5 +62,6 @@ __all__ = [
     "TrainingConfig",
     "build_strategy",
     "default_collective",
+    "resolve_arch",
     "dsnas_alpha_grad",
 ]

@@ -28,6 +28,9 @@ from raydsnas.strategies.collective import Collective, LocalCollective
 from raydsnas.strategies.optim import drop_params, warmup_cosine, weight_param_groups
 
 SAMPLING_POLICIES = ("shared", "per_rank")
+CHILD_SCHEDULES = ("restart", "continue")
+IDLE_GRADS = ("zero", "none")
+CREDIT_DECAY = 0.98  # the credit diagnostic's running mean spans ~50 steps
 
 
 @dataclass
@@ -52,6 +55,17 @@ class DSNASConfig:
         warmup_epochs: linear learning-rate warm-up before the cosine schedule.
         pretrain_epochs: epochs of uniform path sampling with alpha still, before the search.
         freeze_check_every: steps between early-stop checks (null: once an epoch).
+        freeze_by: the search's deadline: at the end of this epoch every layer not yet frozen
+            is frozen on its argmax, so the rest of the run trains the chosen child alone. A
+            whole number >= 1 is an epoch; a number in (0, 1) a fraction of `epochs`, rounded to
+            a whole epoch (the reference code searches 80 of 240 epochs: 1/3). Null: no
+            deadline (layers freeze only by h).
+        child_schedule: the weight learning rate once the search has ended (every layer
+            frozen, by h or by `freeze_by`): `restart` a cosine from `lr` over the rest of
+            the run (as the reference code trains its child) or `continue` the run's cosine.
+        idle_grad: the gradient of candidates off this step's path: `zero` (the reference
+            DSNAS code: SGD momentum and weight decay still move them every step) or `none`
+            (SPOS's convention: untouched until sampled again).
         flops_budget: multiply-adds; while E_p[FLOPs] exceeds it, alpha also gets the exact
             gradient of `flops_coef * E_p[FLOPs] / flops_budget` (null: no cost term).
         flops_coef: weight of that FLOPs term.
@@ -76,6 +90,9 @@ class DSNASConfig:
     warmup_epochs: float = 5
     pretrain_epochs: float = 0
     freeze_check_every: int | None = None
+    freeze_by: float | None = 1 / 3
+    child_schedule: str = "restart"
+    idle_grad: str = "zero"
     flops_budget: float | None = None
     flops_coef: float = 1.0
     sampling: str = "shared"
@@ -103,6 +120,17 @@ class DSNASConfig:
                f"a number in [0, epochs={self.epochs}]")
         _check(self.freeze_check_every is None or self.freeze_check_every >= 1,
                "freeze_check_every", self.freeze_check_every, "null (every epoch) or an integer >= 1")
+        _check(self.freeze_by is None or (self.freeze_by > 0 and self.freeze_epoch is not None
+                                          and self.freeze_epoch <= self.epochs),
+               "freeze_by", self.freeze_by, f"null, a whole epoch in [1, epochs={self.epochs}] "
+               "or a fraction of the run in (0, 1)")
+        _check(self.freeze_by is None or self.freeze_epoch > self.pretrain_epochs, "freeze_by",
+               self.freeze_by, f"a deadline after pretrain_epochs = {self.pretrain_epochs} "
+               "(alpha does not move before)")
+        _check(self.child_schedule in CHILD_SCHEDULES, "child_schedule", self.child_schedule,
+               f"one of {list(CHILD_SCHEDULES)}")
+        _check(self.idle_grad in IDLE_GRADS, "idle_grad", self.idle_grad,
+               f"one of {list(IDLE_GRADS)}")
         _check(self.flops_budget is None or self.flops_budget > 0, "flops_budget",
                self.flops_budget, "null or a number > 0 (multiply-adds)")
         _check(self.flops_coef >= 0, "flops_coef", self.flops_coef, "a number >= 0")
@@ -124,6 +152,22 @@ class DSNASConfig:
     @property
     def freeze_interval(self) -> int:
         return self.freeze_check_every or self.steps_per_epoch
+
+    @property
+    def freeze_epoch(self) -> int | None:
+        """`freeze_by` as a whole epoch (a fraction of `epochs` is rounded, at least 1);
+        None without a deadline."""
+        if self.freeze_by is None:
+            return None
+        if self.freeze_by < 1:
+            return max(1, round(self.freeze_by * self.epochs))
+        return int(self.freeze_by) if float(self.freeze_by).is_integer() else None
+
+    @property
+    def freeze_step(self) -> int | None:
+        """The step at the end of which every layer is frozen (None: no deadline)."""
+        epoch = self.freeze_epoch
+        return None if epoch is None else epoch * self.steps_per_epoch
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DSNASConfig:
@@ -206,7 +250,12 @@ class DSNAS:
         # One parameter per layer, so a frozen layer leaves the alpha optimiser entirely.
         self.alpha = nn.ParameterList(nn.Parameter(row) for row in init)
         self.frozen: dict[int, int] = {}
+        self.forced: list[int] = []  # layers frozen by the `freeze_by` deadline, not by h
+        self.search_end_step: int | None = None  # the step after which every layer was frozen
         self.step_count = 0
+        # The credit diagnostic: a running mean of |c_l| per layer (on the device, read when
+        # logged), with its bias-correction weight.
+        self._credit = torch.zeros(2, space.num_layers, dtype=torch.float64, device=self.device)
         flops = space.flops_table()
         self._flops_table = flops.as_tensor()
         self._flops_fixed = float(flops.fixed)
@@ -221,7 +270,20 @@ class DSNAS:
         self.alpha_opt = torch.optim.Adam(rows, lr=cfg.alpha_lr, betas=cfg.alpha_betas,
                                           weight_decay=0.0) if rows else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.weight_opt, warmup_cosine(cfg.total_steps, cfg.warmup_steps))
+            self.weight_opt, lambda step: self.lr_factor(step))
+
+    def lr_factor(self, step: int) -> float:
+        """The weight learning rate at `step` over `lr`: warm-up and cosine over the run, and
+        with `child_schedule: restart` a new cosine from the step the search ended."""
+        cfg = self.config
+        end = self.search_end_step
+        if end is None or cfg.child_schedule == "continue" or step < end:
+            return warmup_cosine(cfg.total_steps, cfg.warmup_steps)(step)
+        return warmup_cosine(cfg.total_steps - end, 0)(step - end)
+
+    def _refresh_lr(self) -> None:
+        for group in self.weight_opt.param_groups:
+            group["lr"] = self.config.lr * self.lr_factor(self.scheduler.last_epoch)
 
     # -- the distribution ----------------------------------------------------------------------
     def alpha_matrix(self) -> torch.Tensor:
@@ -278,7 +340,11 @@ class DSNAS:
         path = self.sample_path()
         loss, logits, cost = self.compute_gradients(images, labels, path)
         alpha_grad = self.alpha_gradient(path, cost)
+        if searching:
+            self._track_credit(cost)
         alpha_grad = self._synchronise(path, alpha_grad)
+        if self.config.idle_grad == "zero":
+            self._zero_idle_gradients()
         with record_function("raydsnas.optimizer"):
             self.weight_opt.step()
             self.scheduler.step()
@@ -289,6 +355,7 @@ class DSNAS:
         newly = []
         if searching and self.step_count % self.config.freeze_interval == 0:
             newly = self.freeze_settled_layers()
+        newly += self._apply_deadline()
         return StepStats(
             step=self.step_count, loss=loss.detach(),
             correct=(logits.detach().argmax(-1) == labels).sum(), batch_size=len(labels),
@@ -314,7 +381,8 @@ class DSNAS:
                 logits = self.supernet(images, path, ones)
             loss = F.cross_entropy(_at_least_fp32(logits), labels,
                                    label_smoothing=self.config.label_smoothing)
-        self.weight_opt.zero_grad(set_to_none=True)
+        # Idle candidates keep their zero gradients with `idle_grad: zero` (see _zero_idle_gradients).
+        self.weight_opt.zero_grad(set_to_none=self.config.idle_grad == "none")
         with record_function("raydsnas.backward"):
             loss.backward()
         cost = torch.stack([one.grad if one is not None and one.grad is not None
@@ -331,6 +399,51 @@ class DSNAS:
         host = torch.stack([onehot * keep, p])  # one small copy to the device
         host = host.to(cost.device, non_blocking=True) if cost.device.type != "cpu" else host
         return dsnas_alpha_grad(host[0], host[1], cost.detach().float())
+
+    def _zero_idle_gradients(self) -> None:
+        """Give every weight off this step's path a zero gradient (once; `zero_grad` keeps it
+        zero after), so SGD's momentum and weight decay move it as the reference code does."""
+        for group in self.weight_opt.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    def _track_credit(self, cost: torch.Tensor) -> None:
+        """Fold |c_l| of the searched layers into the running mean (device-side, no sync)."""
+        searched = torch.zeros(self.space.num_layers, dtype=torch.float64)
+        searched[self.searchable_layers()] = 1.0
+        searched = searched.to(self.device, non_blocking=True)
+        decay = CREDIT_DECAY * searched + (1 - searched)  # frozen layers keep their last value
+        self._credit.mul_(decay).add_(torch.stack([cost.detach().double().abs(), searched])
+                                      * (1 - CREDIT_DECAY) * searched)
+
+    def credit_magnitude(self) -> list[float | None]:
+        """Per layer, the running mean of |dL/d(one_l)| over the steps it was searched (~the
+        last 50): how strongly the loss steers that layer's choice; None if never searched.
+        A layer whose credit is orders of magnitude below the others is steered by noise."""
+        mean, weight = self._credit.cpu()
+        return [float(m / w) if w > 0 else None for m, w in zip(mean, weight)]
+
+    def _apply_deadline(self) -> list[int]:
+        """At `freeze_by`, freeze every layer still searched on its argmax; once no layer is
+        searched, the search has ended (and `restart` begins the child's cosine). Returns the
+        layers frozen by the deadline."""
+        deadline = self.config.freeze_step
+        forced = []
+        if deadline is not None and self.step_count >= deadline and self.searchable_layers():
+            p = F.softmax(self.alpha_matrix(), -1)
+            forced = self.searchable_layers()
+            for l in forced:
+                self.freeze_layer(l, int(p[l].argmax()))
+            self.forced += forced
+        if self.search_end_step is None and not self.searchable_layers():
+            self.search_end_step = self.step_count
+            self._refresh_lr()
+        return forced
+
+    @property
+    def search_ended(self) -> bool:
+        return self.search_end_step is not None
 
     def _apply_alpha_gradient(self, alpha_grad: torch.Tensor) -> None:
         cfg = self.config
@@ -440,6 +553,10 @@ class DSNAS:
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "strategy": self.name,
+            "forced": list(self.forced),
+            "search_end_step": self.search_end_step,
+            "credit": self._credit.cpu().clone(),
             "space": self.space.to_dict(),
             "config": asdict(self.config),
             "step": self.step_count,
@@ -452,6 +569,9 @@ class DSNAS:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("strategy", self.name) != self.name:
+            raise ValueError(f"checkpoint was written by strategy {state.get('strategy')!r}, "
+                             f"this run uses search.strategy = {self.name!r}")
         if SearchSpace.from_dict(state["space"]) != self.space:
             raise ValueError("checkpoint was written for a different search space: "
                              f"{state['space']} != {self.space.to_dict()}")
@@ -470,11 +590,16 @@ class DSNAS:
             self.alpha_opt.load_state_dict(state["alpha_opt"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+        # Written before the search deadline existed: no layer was forced, the search ran on.
+        self.forced = [int(l) for l in state.get("forced", [])]
+        end = state.get("search_end_step")
+        self.search_end_step = None if end is None else int(end)
+        if state.get("credit") is not None:
+            self._credit = state["credit"].to(self.device, torch.float64)
         # The learning rates are this run's (a resize may change them), at the restored step.
         self.scheduler.base_lrs = [self.config.lr] * len(self.weight_opt.param_groups)
-        factor = warmup_cosine(self.config.total_steps, self.config.warmup_steps)
+        self._refresh_lr()
         for group in self.weight_opt.param_groups:
-            group["lr"] = self.config.lr * factor(self.scheduler.last_epoch)
             group["initial_lr"] = self.config.lr
         for group in self.alpha_opt.param_groups if self.alpha_opt is not None else []:
             group["lr"] = self.config.alpha_lr

@@ -55,6 +55,18 @@ class EventLog:
                 self.writer.add_scalar(f"entropy/layer_{layer:02d}", h, step)
             self.writer.add_image("alpha/probabilities", alpha_heatmap(probs, frozen), step)
 
+    def credit(self, step: int, credit: list[float | None] | None) -> None:
+        """The per-layer credit diagnostic (running mean of |dL/d(one_l)|), one scalar a layer."""
+        if self.writer is not None and credit:
+            for layer, value in enumerate(credit):
+                if value is not None:
+                    self.writer.add_scalar(f"credit/layer_{layer:02d}", value, step)
+
+    def text(self, step: int, tag: str, message: str) -> None:
+        """A text event (TensorBoard's Text tab), e.g. when the search ended."""
+        if self.writer is not None:
+            self.writer.add_text(tag, message, step)
+
     def sync(self) -> None:
         """Flush and copy every local event file to storage."""
         if self.writer is None or self.fs is None:

@@ -162,12 +162,19 @@ def train_func(config: dict[str, Any]) -> None:
         if last or (epoch + 1) % job.search.eval_every == 0:
             last_eval = data.evaluate(strategy.predict, collective)
         metrics.update(last_eval)  # every report carries the latest validation (Tune schedulers)
+        search = search_progress(strategy, history, epoch + 1)
+        metrics.update(search["metrics"])
         history.append({**{k: v for k, v in metrics.items() if k != "arch"},
                         "probs": [[round(p, 5) for p in row] for row in strategy.probs().tolist()],
-                        "arch": strategy.argmax_arch()})
+                        "arch": strategy.argmax_arch(), **search["history"]})
         events.scalars(strategy.step_count, {k: v for k, v in metrics.items()
                                              if isinstance(v, (int, float)) and k != "epoch"})
         events.arch(strategy.step_count, strategy.probs(), strategy.frozen)
+        events.credit(strategy.step_count, search["history"].get("credit"))
+        if search["ended_now"]:
+            events.text(strategy.step_count, "search", search["ended_now"])
+            if rank == 0:
+                say(f"[raydsnas] {search['ended_now']}")
         events.sync()
         if rank == 0:
             say(f"[raydsnas] epoch {epoch + 1}/{total_epochs} done: "
@@ -199,6 +206,34 @@ def train_func(config: dict[str, Any]) -> None:
     events.close()
 
 
+def search_progress(strategy: SearchStrategy, history: list[dict], epoch: int) -> dict[str, Any]:
+    """What this epoch adds about the search itself (strategies with progressive freezing):
+    `metrics` (the step and epoch the search ended, how many layers the deadline froze),
+    `history` (the per-layer credit), and `ended_now` (a sentence, in the epoch it ended)."""
+    out: dict[str, Any] = {"metrics": {}, "history": {}, "ended_now": ""}
+    credit = getattr(strategy, "credit_magnitude", None)
+    if credit is not None:
+        out["history"]["credit"] = credit()
+    end_step = getattr(strategy, "search_end_step", None)
+    if end_step is None:
+        return out
+    previous = next((h["search_end_epoch"] for h in history if "search_end_epoch" in h), None)
+    epoch = previous if previous is not None else epoch
+    forced = list(getattr(strategy, "forced", []))
+    out["metrics"] = {"search_end_step": end_step, "search_end_epoch": epoch,
+                      "forced_frozen": len(forced)}
+    if previous is None:
+        by_h = strategy.space.num_layers - len(forced)
+        schedule = getattr(strategy.config, "child_schedule", "continue")
+        out["ended_now"] = (
+            f"search ended at step {end_step} (epoch {epoch}): {by_h} layer(s) frozen by h, "
+            f"{len(forced)} by the freeze_by deadline {forced if forced else ''}; the rest of "
+            f"the run trains the child {strategy.argmax_arch()} "
+            f"({'a new cosine' if schedule == 'restart' else 'the same cosine'})").replace(
+                " ;", ";")
+    return out
+
+
 def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
                   collective: Collective, run_uri: str, rank: int, elapsed_s: float,
                   worker_s: float, total_epochs: int | None = None) -> dict[str, Any]:
@@ -224,7 +259,8 @@ def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
         "steps": strategy.step_count, "frozen_layers": {str(k): v for k, v in strategy.frozen.items()},
         "bn_recalibrated": bool(job.search.bn_recalibration_batches), "config": job.to_dict(),
         "strategy": job.search.strategy, "search_epochs": job.search.epochs,
-        "epochs": total_epochs,
+        "epochs": total_epochs, "search_end_step": getattr(strategy, "search_end_step", None),
+        "forced_layers": list(getattr(strategy, "forced", [])),
     }
     subnet_uri = f"{run_uri.rstrip('/')}/subnet"
     if rank == 0:
