@@ -50,7 +50,7 @@ def test_default_dry_run_prints_the_facts():
     text = out.stdout
     assert "name: dsnas-digits" in text  # the resolved config comes first
     assert "builtin:digits: 1500 train / 297 val samples, 10 classes" in text
-    assert "23 steps/epoch x 10 epochs" in text  # 1500 // 64
+    assert "23 steps/epoch x 12 epochs" in text  # 1500 // 64
     space = load_config().space.build(10)
     params = sum(p.numel() for p in space.supernet().parameters())
     assert f"supernet:          {params / 1e6:.3f}M parameters" in text
@@ -159,7 +159,8 @@ def test_memory_follows_the_strategy_and_the_gpu_generation(tmp_path):
     import yaml
 
     raw = yaml.safe_load((ROOT / "jobs" / "imagenet.yaml").read_text())
-    for key in ("h", "sampling", "alpha_lr"):
+    for key in ("h", "sampling", "alpha_lr", "freeze_check_every", "freeze_by", "child_schedule",
+                "idle_grad", "flops_budget"):  # DSNAS's own keys
         raw["search"].pop(key)
     raw["data"]["uri"] = "synthetic:1000/4096/64"
     memory = {}

@@ -20,9 +20,12 @@ from tests.test_search_job import checkpoints, final_state, run_cli, synthetic_s
 
 @pytest.mark.slow
 def test_killed_driver_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_path):
+    # h = 1: no layer settles by itself, the deadline (end of epoch 3) freezes them all; the
+    # kill lands at or before it, so the resumed run must reach the same deadline.
     extra = {"search.epochs": 4, "search.sampling": "shared", "data.uri": "builtin:digits",
              "data.preserve_order": "true", "data.image_size": 16, "search.max_steps_per_epoch": 3,
-             "search.global_batch_size": 32, "space.num_classes": "auto"}
+             "search.global_batch_size": 32, "space.num_classes": "auto", "search.h": 1.0,
+             "search.freeze_by": 3}
     env = {"RAYDSNAS_CACHE": str(tmp_path / "cache")}
     reference = run_cli(synthetic_sets(tmp_path / "a", "run", **extra), tmp_path, env)
     out, _ = reference.communicate(timeout=600)
@@ -48,7 +51,9 @@ def test_killed_driver_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_pa
     b = final_state(tmp_path / "b" / "run")["strategy"]
     assert a["step"] == b["step"] == 12
     torch.testing.assert_close(b["alpha"], a["alpha"], rtol=1e-5, atol=1e-6)
-    assert a["frozen"] == b["frozen"]
+    assert a["frozen"] == b["frozen"] and len(a["frozen"]) == 10
+    assert a["search_end_step"] == b["search_end_step"] == 9  # 3 epochs x 3 steps
+    assert a["forced"] == b["forced"] == list(range(10))
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -77,9 +82,12 @@ def test_elastic_run_grows_and_shrinks_with_the_cluster(tmp_path, monkeypatch):
     proc = None
     try:
         run_dir = tmp_path / "elastic"
+        # The search deadline at epoch 20 of 40 (h = 1: no layer settles by itself) must hold
+        # across the restarts that every resize is.
         proc = run_cli(synthetic_sets(tmp_path, "elastic", **{
             "scaling.num_workers": "[1,2]", "scaling.elastic_resize_interval_s": 2,
-            "scaling.max_failures": 6, "search.epochs": 40}),
+            "scaling.max_failures": 6, "search.epochs": 40, "search.h": 1.0,
+            "search.freeze_by": 0.5}),
             tmp_path, {"RAY_ADDRESS": cluster.address})
 
         def wait_for(condition, what):
@@ -105,7 +113,11 @@ def test_elastic_run_grows_and_shrinks_with_the_cluster(tmp_path, monkeypatch):
         cluster.shutdown()
     sizes = [h["world_size"] for h in _history(run_dir)]
     assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1
-    assert [h["epoch"] for h in _history(run_dir)] == list(range(1, 41))
+    history = _history(run_dir)
+    assert [h["epoch"] for h in history] == list(range(1, 41))
+    assert [h["frozen"] for h in history] == [0] * 19 + [5] * 21
+    assert {h.get("search_end_epoch") for h in history[19:]} == {20}
+    assert {h.get("search_end_step") for h in history[19:]} == {20 * 4}
     assert (run_dir / "subnet" / "arch.json").exists()
 
 
@@ -119,6 +131,10 @@ def test_default_run_with_no_arguments_writes_an_accurate_child(tmp_path):
     child = load_child(str(subnet))
     top1 = child.meta["meta"]["top1"]
     assert top1 > 0.6  # 10 classes: chance is 0.1
+    # The convergence guarantee: the search ended (every layer frozen) by its deadline, so the
+    # child's weights are its own, trained alone for the rest of the run.
+    assert child.meta["meta"]["search_end_step"] is not None
+    assert "[raydsnas] search ended at step" in out
     assert (tmp_path / "runs" / "dsnas-digits" / "events").is_dir()
 
     # The README's next steps on this run: verify and run the artifact from the command line,
@@ -133,5 +149,6 @@ def test_default_run_with_no_arguments_writes_an_accurate_child(tmp_path):
     events.Reload()
     tags = {tag for run in events.Runs().values() for tag in run.get("scalars", [])}
     assert {"entropy", "frozen", "train_loss", "val_top1"} <= tags, tags
+    assert any(tag.startswith("credit/layer_") for tag in tags), tags
     images = {tag for run in events.Runs().values() for tag in run.get("images", [])}
     assert images, "the alpha heatmap"
