@@ -51,9 +51,9 @@ def test_killed_driver_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_pa
     b = final_state(tmp_path / "b" / "run")["strategy"]
     assert a["step"] == b["step"] == 12
     torch.testing.assert_close(b["alpha"], a["alpha"], rtol=1e-5, atol=1e-6)
-    assert a["frozen"] == b["frozen"] and len(a["frozen"]) == 10
+    assert a["frozen"] == b["frozen"] and len(a["frozen"]) == 5  # stage_repeats [1,1,2,1]
     assert a["search_end_step"] == b["search_end_step"] == 9  # 3 epochs x 3 steps
-    assert a["forced"] == b["forced"] == list(range(10))
+    assert a["forced"] == b["forced"] == list(range(5))
 
 
 def _history(run_dir: Path) -> list[dict]:
