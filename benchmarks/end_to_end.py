@@ -162,7 +162,7 @@ def dsnas_config(args, data, seed, limit, **changes) -> DSNASConfig:
     """The product's DSNAS recipe on the built-in data (`jobs/local.yaml`)."""
     base = DSNASConfig(lr=0.1, h=0.15, alpha_lr=0.1, warmup_epochs=1, freeze_check_every=10,
                        epochs=args.epochs, steps_per_epoch=data.steps_per_epoch, seed=seed,
-                       flops_budget=limit)
+                       flops_budget=limit, freeze_by=args.freeze_by)
     return replace(base, **changes)
 
 
@@ -356,6 +356,9 @@ def main() -> None:
     parser.add_argument("--crossovers", type=int, default=8)
     parser.add_argument("--bn-batches", type=int, default=4)
     parser.add_argument("--selection-fraction", type=float, default=0.1)
+    parser.add_argument("--freeze-by", type=lambda v: int(v) if v.isdigit() else float(v),
+                        default=1 / 3,
+                        help="dsnas's search deadline (a fraction of E, or an epoch)")
     parser.add_argument("--out", help="append every finished run to this JSON-lines file")
     parser.add_argument("--report", nargs="+", metavar="JSONL",
                         help="print the report of these result files and exit")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 
 from raydsnas import reference
 from raydsnas.data.builtin import builtin_shard_set
@@ -49,6 +50,9 @@ COVERAGE = {
         "tests/test_search_cli.py::test_default_run_with_no_arguments_writes_an_accurate_child"],
     r"python -m raydsnas\.search --config jobs/local\.yaml --set search\.h=0\.2 --print-config": [
         "tests/test_readme.py::test_readme_print_config"],
+    r"python -m raydsnas\.search --set name=digits-alone --set search\.strategy=fixed --set "
+    r"'search\.arch=\[[0-9,]+\]'": [
+        "tests/test_readme.py::test_readme_trains_a_fixed_architecture_alone"],
 }
 
 
@@ -125,3 +129,26 @@ def test_readme_dry_run_on_s3_shards(s3_server, tmp_path):
     # The README quotes the run's figures: the same lines (for 1000 classes) come out here.
     readme_lines = [line for line in README.splitlines() if line.startswith("batch:  ")]
     assert readme_lines and readme_lines[0] in out.stdout
+
+
+@pytest.mark.slow
+def test_readme_trains_a_fixed_architecture_alone(tmp_path):
+    """The README's `fixed` command as written, shortened to 2 epochs of 3 steps by two more
+    `--set`s (later ones win): the run trains exactly that architecture and exports it."""
+    import shlex
+
+    from raydsnas import load_child
+
+    (command,) = [c for c in readme_commands() if "search.strategy=fixed" in c]
+    arch = json.loads(re.search(r"search\.arch=(\[[0-9,]+\])", command).group(1))
+    args = shlex.split(command) + ["--set", "search.epochs=2", "--set",
+                                   "search.max_steps_per_epoch=3"]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "RAYDSNAS_CACHE": str(tmp_path / "cache"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(args, check=False, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    child = load_child(str(tmp_path / "runs" / "digits-alone" / "subnet"))
+    assert list(child.arch) == arch
+    assert child.meta["meta"]["strategy"] == "fixed"
