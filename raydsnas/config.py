@@ -122,6 +122,14 @@ class SearchSection:
         cls = STRATEGY_REGISTRY.get(self.strategy, (DSNASConfig,))[0]
         return float(self.dsnas.get("lr", cls.lr))
 
+    @property
+    def selection_fraction(self) -> float:
+        """The share of the training split held out as the selection split: the strategy's
+        `selection_fraction` (SPOS/random), 0 for strategies without that key."""
+        cls = STRATEGY_REGISTRY.get(self.strategy, (DSNASConfig,))[0]
+        return float(self.dsnas.get("selection_fraction",
+                                    getattr(cls, "selection_fraction", 0.0)))
+
 
 @dataclass(frozen=True)
 class ScalingSection:

@@ -315,7 +315,9 @@ def preflight(job: JobConfig, capacity: Capacity, *,
            and all(n.bf16 for n in gpu_nodes))
     memory = estimate_memory(space, batch, world=counts[0], amp=amp,
                              paths=PATHS_PER_STEP.get(search.strategy, 1))
-    steps = num_train // search.global_batch_size
+    # SPOS/random hold ~selection_fraction of the training split out (the run counts the exact
+    # number from the shards' keys; the dry run reads only the manifest).
+    steps = (num_train - round(num_train * search.selection_fraction)) // search.global_batch_size
     if search.max_steps_per_epoch:
         steps = min(steps, search.max_steps_per_epoch)
     if gpu_memory_gib is None and scaling.use_gpu:

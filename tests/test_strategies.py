@@ -3,6 +3,7 @@ torch: their gradients against independent computations, the EA's constraint, de
 quality, and that each exports the same child artifact as DSNAS, equal to its own `predict`."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -32,8 +33,10 @@ def batch(seed: int, n: int = 6, dtype=torch.float32):
             torch.randint(0, SPACE.num_classes, (n,), generator=g))
 
 
-def tiny_data(n_train: int = 24, n_val: int = 12) -> TensorBatches:
-    return TensorBatches(batch(1, n_train), batch(2, n_val), batch_size=6)
+def tiny_data(n_train: int = 24, n_val: int = 12, selection_fraction: float = 0.0
+              ) -> TensorBatches:
+    return TensorBatches(batch(1, n_train), batch(2, n_val), batch_size=6,
+                         selection_fraction=selection_fraction)
 
 
 def hand_forward(supernet, x, layer_fn):
@@ -84,8 +87,8 @@ def test_snas_hard_option_forwards_one_hot_and_temperature_anneals():
 # -- every strategy ----------------------------------------------------------------------------
 def strategy_config(name: str):
     extra = {"spos": {"population": 4, "iterations": 2, "top_k": 2, "mutations": 2, "crossovers": 2,
-                          "bn_batches": 2},
-             "random": {"num_samples": 3, "bn_batches": 2},
+                          "bn_batches": 2, "selection_fraction": 0.25},
+             "random": {"num_samples": 3, "bn_batches": 2, "selection_fraction": 0.25},
              "fixed": {"arch": [0, 3, 1, "choice_7", 0]}}.get(name, {})
     return STRATEGIES[name][0](**TRAIN, **extra)
 
@@ -93,7 +96,8 @@ def strategy_config(name: str):
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_each_strategy_steps_and_exports_a_child_equal_to_its_predict(name, tmp_path):
     s = build_strategy(name, SPACE, strategy_config(name))
-    data = tiny_data()
+    # As the loop does: a selection split only for the strategies with selection_fraction.
+    data = tiny_data(selection_fraction=getattr(s.config, "selection_fraction", 0.0))
     before = {n: p.detach().clone() for n, p in s.supernet.named_parameters()}
     losses = []
     for epoch in range(2):
@@ -206,8 +210,8 @@ def test_one_shot_search_picks_under_the_limit_then_trains_the_child_alone(name,
                                     "crossovers": 2}, "random": {"num_samples": 4}}[name]}
     s = build_strategy(name, SPACE, STRATEGIES[name][0](
         **cfg, bn_batches=2, flops_limit=limit, flops_max=limit * 1.1, final_phase=phase,
-        final_epochs=1))
-    data = tiny_data()
+        final_epochs=1, selection_fraction=0.25))
+    data = tiny_data(selection_fraction=0.25)
     assert s.extra_epochs == 1
     for epoch in range(2):
         for images, labels in data.train(epoch):
@@ -215,7 +219,7 @@ def test_one_shot_search_picks_under_the_limit_then_trains_the_child_alone(name,
     metrics = s.end_search(data, 2)
     assert all(SPACE.flops(e["arch"]) <= limit for e in s.search_log)
     assert metrics["search_evaluated"] == len(s.search_log) >= 4
-    best = max(s.search_log, key=lambda e: (e["top1"], -e["loss"]))
+    best = max(s.search_log, key=lambda e: (e["select_top1"], -e["select_loss"]))
     assert s.argmax_arch() == best["arch"] and metrics["search_flops"] <= limit
     # The final phase trains the chosen child only: the supernet holds one block per layer.
     assert all(len(layer) == 1 for layer in s.supernet.layers)
@@ -285,6 +289,7 @@ def ray_job_sets(storage, name: str, **extra) -> list[str]:
 def test_spos_with_finetune_on_two_workers_and_snas_run_through_ray_train(ray_local, tmp_path):
     from raydsnas.config import load_config
     from raydsnas.train.launcher import run_search
+    from raydsnas.train.synthetic import SyntheticData
     from tests.test_search_job import final_state
 
     space = SearchSpace.cifar(4, width_mult=0.25, stage_repeats=(1, 1, 1, 1))
@@ -301,6 +306,11 @@ def test_spos_with_finetune_on_two_workers_and_snas_run_through_ray_train(ray_lo
     assert state["strategy"]["phase"] == "final"
     log = state["strategy"]["search_log"]
     assert len(log) >= 4 and all(space.flops(e["arch"]) <= limit for e in log)
+    # Candidates were scored on the selection split, held out of training (both ranks' shards).
+    held_out = SyntheticData.parse("synthetic:4/128/32", 16, 0, 0.1).num_select
+    search = json.loads(state["history"])[0]
+    assert search["search_split"] == "select" and search["search_select_samples"] == held_out
+    assert search["search_select_top1"] == max(e["select_top1"] for e in log)
     meta = spos.record["meta"]
     assert (meta["strategy"], meta["search_epochs"], meta["epochs"]) == ("spos", 1, 2)
     child = load_child(spos.subnet_uri)

@@ -33,6 +33,9 @@ Reading
         y = batch["label"].to(device)
 
 Rows are `{"image": uint8 [N, 3, S, S], "label": int64}` (plus `"key"` with `keep_keys`).
+`build_datasets(spec, selection_fraction=f)` (SPOS/random's selection split) also holds the
+training rows whose key hashes into the first share `f` out of `train` and returns them as
+`select` (validation transform), with exact `num_train` / `num_select` counts.
 Train: Parquet read with a seeded file shuffle, decode + RandomResizedCrop(`crop_scale`,
 `crop_ratio`) + horizontal flip in `map_batches` on CPU; each worker's `iter_train_batches` adds a
 local shuffle buffer of `shuffle_buffer` rows. Validation: Resize(shorter side = image_size /

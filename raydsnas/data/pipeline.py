@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import math
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.util
@@ -26,7 +27,13 @@ from ray.data.context import DataContext
 
 from raydsnas.data.builtin import BUILTIN_PREFIX, BUILTIN_SETS, builtin_shard_set
 from raydsnas.data.errors import CorruptImageError, DataSpecError, LabelOutOfRangeError
-from raydsnas.data.format import Manifest, read_manifest, verify_shards
+from raydsnas.data.format import (
+    FOOTER_CHECK_THREADS,
+    Manifest,
+    read_manifest,
+    verify_shards,
+)
+from raydsnas.data.selection import KeyFilter, selection_mask, stable_key_hash
 from raydsnas.data.storage import (
     is_local_uri,
     join_path,
@@ -192,12 +199,19 @@ class SkippedImages:
 
 @dataclass(frozen=True)
 class DataSets:
-    """What `build_datasets` returns; unpacks as `train, val, manifest`."""
+    """What `build_datasets` returns; unpacks as `train, val, manifest`.
+
+    `select` is the selection split held out of the training split (None without a
+    `selection_fraction`); `num_train` / `num_select` count the rows each of `train` and
+    `select` reads (`num_train` is the manifest's count when nothing is held out)."""
 
     train: ray.data.Dataset
     val: ray.data.Dataset
     manifest: Manifest
     skipped: SkippedImages | None  # None unless spec.skip_corrupt
+    select: ray.data.Dataset | None = None
+    num_train: int = 0
+    num_select: int = 0
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.train, self.val, self.manifest))
@@ -269,11 +283,6 @@ class ResizeCenterCrop:
         return image
 
 
-def stable_key_hash(key: str) -> int:
-    """A 64-bit hash of a sample key that is the same in every process (unlike `hash`)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -284,9 +293,11 @@ def decode_batch(
     shard_uri_of: dict[str, str],
     skipped: SkippedImages | None,
     keep_keys: bool,
+    key_filter: KeyFilter | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode, check and transform one batch of shard rows into `image` (uint8 NCHW) and `label`
-    (int64). Raises `LabelOutOfRangeError` / `CorruptImageError` naming the shard and the key."""
+    (int64). Raises `LabelOutOfRangeError` / `CorruptImageError` naming the shard and the key.
+    With `key_filter`, rows it does not keep are dropped before they are decoded."""
     # Ray Data counts executions of a dataset (one per epoch); its seeded file shuffle uses the
     # same counter, so file order and augmentations change together, reproducibly.
     epoch = DataContext.get_current()._execution_idx
@@ -297,6 +308,8 @@ def decode_batch(
     skipped_reasons: dict[str, str] = {}
     for row in range(count):
         key = str(batch["key"][row])
+        if key_filter is not None and not key_filter.keeps(key):
+            continue
         shard = shard_uri_of.get(str(batch["path"][row]), str(batch["path"][row]))
         label = int(batch["label"][row])
         if not 0 <= label < num_classes:
@@ -337,7 +350,9 @@ def execution_options(spec: DataSpec) -> ExecutionOptions:
     return options
 
 
-def build_datasets(spec: DataSpec, *, start_epoch: int = 0) -> DataSets:
+def build_datasets(
+    spec: DataSpec, *, start_epoch: int = 0, selection_fraction: float = 0.0
+) -> DataSets:
     """Build the train and validation Ray Datasets of `spec.uri` (unpacks as train, val, manifest).
 
     Before any task starts it reads the manifest and checks every shard's footer (schema, rows,
@@ -346,7 +361,14 @@ def build_datasets(spec: DataSpec, *, start_epoch: int = 0) -> DataSets:
     shuffle + RandomResizedCrop + flip; val: Resize + CenterCrop, shard order.
     `start_epoch` makes the first pass of `train` epoch `start_epoch` (resume: the same file order
     and augmentations as the uninterrupted run).
+
+    `selection_fraction` > 0 holds that share of the training split out (by the hash of each
+    key, `raydsnas.data.selection`): `train` drops those rows before decoding them, and
+    `select` reads only them, with the validation transform, in shard order. The exact counts
+    come from reading the shards' `key` column here (the manifest has no keys).
     """
+    if not 0 <= selection_fraction < 1:
+        raise ValueError(f"selection_fraction = {selection_fraction!r}: expected [0, 1)")
     if spec.uri.startswith(BUILTIN_PREFIX):
         uri = builtin_shard_set(spec.uri[len(BUILTIN_PREFIX) :])
         storage_options: Mapping[str, Any] = {}
@@ -362,6 +384,15 @@ def build_datasets(spec: DataSpec, *, start_epoch: int = 0) -> DataSets:
                     f"{sorted(manifest.splits)}); write one with --val-src or --val-fraction"
                 )
             verify_shards(fs, root, uri, manifest, split)
+        num_train = manifest.splits["train"].num_samples
+        num_select = (
+            count_selection(fs, root, manifest, selection_fraction) if selection_fraction else 0
+        )
+    if selection_fraction and num_select == 0:
+        raise DataSpecError(
+            f"data.uri = {spec.uri!r}: search.selection_fraction = {selection_fraction} holds "
+            f"out none of the {num_train} training samples; raise it or use a larger data set"
+        )
     if not ray.is_initialized():
         # What Ray Data would do on first use (the node address below needs it now): the
         # cluster RAY_ADDRESS names, else a new local one (not a stale `ray start` head's).
@@ -383,12 +414,37 @@ def build_datasets(spec: DataSpec, *, start_epoch: int = 0) -> DataSets:
         transform=RandomResizedCropFlip(
             spec.image_size, spec.crop_scale, spec.crop_ratio, spec.hflip
         ),
+        key_filter=KeyFilter(selection_fraction, selected=False) if selection_fraction else None,
     )
     train.context._execution_idx = start_epoch  # the counter `decode_batch` reads as the epoch
     val = split_dataset(
         split="val", transform=ResizeCenterCrop(spec.image_size, spec.val_crop_ratio)
     )
-    return DataSets(train, val, manifest, skipped)
+    select = None
+    if selection_fraction:
+        select = split_dataset(
+            split="train",
+            training=False,
+            transform=ResizeCenterCrop(spec.image_size, spec.val_crop_ratio),
+            key_filter=KeyFilter(selection_fraction, selected=True),
+        )
+    return DataSets(train, val, manifest, skipped, select, num_train - num_select, num_select)
+
+
+def count_selection(
+    fs: pafs.FileSystem, root: str, manifest: Manifest, fraction: float
+) -> int:
+    """How many training rows the selection split at `fraction` holds, from the `key` column
+    of every training shard (a small column: ~1% of an image shard's bytes)."""
+
+    def count(path: str) -> int:
+        with fs.open_input_file(join_path(root, path)) as stream:
+            keys = pq.ParquetFile(stream).read(columns=["key"]).column("key").to_pylist()
+        return int(selection_mask(keys, fraction).sum())
+
+    shards = [entry.path for entry in manifest.splits["train"].shards]
+    with ThreadPoolExecutor(FOOTER_CHECK_THREADS) as pool:
+        return sum(pool.map(count, shards))
 
 
 @contextlib.contextmanager
@@ -419,8 +475,12 @@ def _split_dataset(
     spec: DataSpec,
     skipped: SkippedImages | None,
     driver_node_only: bool,
+    training: bool | None = None,
+    key_filter: KeyFilter | None = None,
 ) -> ray.data.Dataset:
-    training = split == "train"
+    """One manifest split as a Ray Dataset; `training` (default: the train split) shuffles the
+    files and seeds the augmentation per epoch; `key_filter` keeps only some rows."""
+    training = split == "train" if training is None else training
     relative = [entry.path for entry in manifest.splits[split].shards]
     paths = [join_path(root, p) for p in relative]
     # Ray gives every node a resource "node:<ip>"; asking for a sliver of it pins the reads there.
@@ -453,6 +513,7 @@ def _split_dataset(
             shard_uri_of={path: f"{uri}/{rel}" for path, rel in zip(paths, relative, strict=True)},
             skipped=skipped,
             keep_keys=spec.keep_keys,
+            key_filter=key_filter,
         ),
         batch_format="numpy",
         batch_size=None,  # whole blocks (see target_block_bytes); a batch size would stop fusion

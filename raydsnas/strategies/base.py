@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from raydsnas.data.selection import index_selection_mask
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums
 from raydsnas.space import SearchSpace
 from raydsnas.space.child import ChildNet
@@ -35,15 +36,20 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class SearchData(Protocol):
     """The batches a strategy may read after the search epochs (BN recalibration, candidate
-    evaluation). `raydsnas.train.loop.Batches` is one; `TensorBatches` is another."""
+    evaluation). `raydsnas.train.loop.Batches` is one; `TensorBatches` is another.
+
+    Splits: `train` (never holds a selection-split sample), `val` (what the final child is
+    reported on) and, when the data was built with a selection fraction, `select`: training
+    samples held out of all training, on which the two-stage baselines score candidates."""
 
     def train(self, epoch: int, limit: int | None = None) -> Iterator[Batch]:
         """This rank's training batches of `epoch` (only the first `limit`)."""
 
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor], collective: Collective,
-                 prefix: str = "val") -> dict[str, float]:
-        """`{prefix}_top1`, `_top5`, `_loss`, `_samples` over the validation split, summed over
-        every rank (so every rank gets the same numbers)."""
+                 prefix: str | None = None, split: str = "val") -> dict[str, float]:
+        """`{prefix}_top1`, `_top5`, `_loss`, `_samples` over `split` (`val` or `select`;
+        `prefix` defaults to the split's name), summed over every rank (so every rank gets the
+        same numbers). A `select` without a selection split raises `ValueError`."""
 
 
 class SearchStrategy(Protocol):
@@ -352,13 +358,29 @@ class TensorBatches:
     """`SearchData` over in-memory tensors, for one process (tests, `raydsnas.analysis`).
 
     `train(epoch)` yields `batch_size` slices of a permutation seeded by epoch; `evaluate`
-    runs the whole validation split.
+    runs the whole validation split (or, `split="select"`, the selection split).
+    `selection_fraction` > 0 holds those training samples out (sample i's key is
+    `index_key(i)`, `raydsnas.data.selection`): `train` never yields them and `select_indices`
+    lists them (positions in the given training tensors; `train_indices` the rest).
     """
 
-    def __init__(self, train: Batch, val: Batch, batch_size: int, seed: int = 0):
-        self.train_images, self.train_labels = train
+    def __init__(self, train: Batch, val: Batch, batch_size: int, seed: int = 0,
+                 selection_fraction: float = 0.0):
+        images, labels = train
+        held_out = torch.from_numpy(index_selection_mask(len(labels), selection_fraction))
+        if selection_fraction and not held_out.any():
+            raise ValueError(f"selection_fraction = {selection_fraction} holds out none of the "
+                             f"{len(labels)} training samples")
+        self.train_indices = torch.nonzero(~held_out).flatten()
+        self.select_indices = torch.nonzero(held_out).flatten()
+        if selection_fraction:
+            self.train_images, self.train_labels = images[~held_out], labels[~held_out]
+        else:
+            self.train_images, self.train_labels = images, labels
+        self.select_images, self.select_labels = images[held_out], labels[held_out]
         self.val_images, self.val_labels = val
         self.batch_size, self.seed = batch_size, seed
+        self.selection_fraction = selection_fraction
 
     @property
     def steps_per_epoch(self) -> int:
@@ -374,11 +396,22 @@ class TensorBatches:
 
     @torch.no_grad()
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor],
-                 collective: Collective | None = None, prefix: str = "val") -> dict[str, float]:
+                 collective: Collective | None = None, prefix: str | None = None,
+                 split: str = "val") -> dict[str, float]:
+        if split == "val":
+            images, labels = self.val_images, self.val_labels
+        elif split == "select":
+            if not self.selection_fraction:
+                raise ValueError("no selection split to evaluate on: build TensorBatches with "
+                                 "selection_fraction > 0")
+            images, labels = self.select_images, self.select_labels
+        else:
+            raise ValueError(f"split = {split!r}: expected 'val' or 'select'")
+        prefix = split if prefix is None else prefix
         sums = torch.zeros(4, dtype=torch.float64)
-        for i in range(0, len(self.val_labels), self.batch_size):
-            sums += accuracy_sums(forward(self.val_images[i:i + self.batch_size]),
-                                  self.val_labels[i:i + self.batch_size])
+        for i in range(0, len(labels), self.batch_size):
+            sums += accuracy_sums(forward(images[i:i + self.batch_size]),
+                                  labels[i:i + self.batch_size])
         acc = accuracy_from_sums(sums)
         return {f"{prefix}_top1": acc.top1, f"{prefix}_top5": acc.top5,
                 f"{prefix}_loss": acc.loss, f"{prefix}_samples": acc.count}

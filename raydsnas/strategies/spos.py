@@ -16,9 +16,16 @@ search epoch (`end_search`) they pick one architecture under `flops_limit`:
 
 Every candidate is scored the same way: BatchNorm statistics recalibrated on `bn_batches`
 training batches through that path (as SPOS does before each evaluation; averaged over ranks),
-then top-1 on the validation split (each rank its shard, sums all-reduced by the loop's
-`Batches.evaluate`, so every rank sees the same score); ties go to the lower validation loss.
+then top-1 on the selection split (each rank its shard, sums all-reduced by the loop's
+`Batches.evaluate`, so every rank sees the same score); ties go to the lower selection loss.
 The search's random numbers are seeded by `seed`, so every rank makes the same decisions.
+
+The selection split is the share `selection_fraction` (0.1) of the training split that the
+data holds out by the hash of each sample's key (`raydsnas.data.selection`), for the whole run:
+it is never trained on, in the supernet phase, the final phase or BN recalibration. So the
+validation split, on which the final child is reported, plays no part in choosing it (the
+SPOS paper likewise held 50k ImageNet training images out for its search). The search never
+reads the validation split.
 
 Then, optionally, `final_phase`: `finetune` keeps the supernet weights of the chosen child,
 `retrain` re-initialises them; either trains the child alone for `final_epochs` more epochs
@@ -66,6 +73,9 @@ class OneShotConfig(TrainingConfig):
             (train it from a fresh initialisation).
         final_epochs: epochs of the final phase (counted in the schedule and the compute).
         final_warmup_epochs: learning-rate warm-up of the final phase.
+        selection_fraction: share of the training split held out for the whole run (never
+            trained on, by a stable hash of each sample's key) to score the candidates on;
+            the validation split stays unseen until the final child is scored. In (0, 0.5].
     """
 
     flops_min: float | None = None
@@ -75,9 +85,12 @@ class OneShotConfig(TrainingConfig):
     final_phase: str = "none"
     final_epochs: int = 0
     final_warmup_epochs: float = 0
+    selection_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(0 < self.selection_fraction <= 0.5, "selection_fraction",
+               self.selection_fraction, "a number in (0, 0.5]")
         for key in ("flops_min", "flops_max", "flops_limit"):
             value = getattr(self, key)
             _check(value is None or value > 0, key, value, "null or a number > 0 (multiply-adds)")
@@ -300,8 +313,8 @@ class SPOS(SupernetTrainer):
     # -- the search ----------------------------------------------------------------------------
     def evaluate_arch(self, arch: list[int], data: SearchData,
                       bn_images: Sequence[torch.Tensor]) -> dict[str, float]:
-        """Validation metrics of `arch` with the shared weights, BN recalibrated on `bn_images`
-        through that path (and averaged over ranks)."""
+        """Selection-split metrics (`select_top1`, ...) of `arch` with the shared weights, BN
+        recalibrated on `bn_images` through that path (and averaged over ranks)."""
         if bn_images:
             with self._autocast():
                 recalibrate_bn(self.supernet, bn_images,
@@ -310,7 +323,7 @@ class SPOS(SupernetTrainer):
                 from raydsnas.train.sync_bn import average_bn_buffers
 
                 average_bn_buffers(self.supernet, self.collective)
-        return data.evaluate(lambda x: self.predict(x, arch), self.collective)
+        return data.evaluate(lambda x: self.predict(x, arch), self.collective, split="select")
 
     def search_architecture(self, fitness: Fitness) -> SearchResult:
         cfg = self.config
@@ -320,8 +333,9 @@ class SPOS(SupernetTrainer):
             mutation_prob=cfg.mutation_prob, crossovers=cfg.crossovers, seed=cfg.seed)
 
     def end_search(self, data: SearchData, epoch: int) -> dict[str, Any]:
-        """Search the trained supernet for the best architecture under the FLOPs limit, leave
-        the supernet's BN statistics on it, and start the final phase if one is configured."""
+        """Search the trained supernet for the best architecture under the FLOPs limit (scored
+        on the selection split), leave the supernet's BN statistics on it, and start the final
+        phase if one is configured. The metrics name the split that scored the candidates."""
         if self.chosen is not None:  # already searched (resumed after the search)
             return {}
         cfg = self.config
@@ -330,18 +344,21 @@ class SPOS(SupernetTrainer):
 
         def fitness(arch: list[int]) -> tuple[float, float]:
             metrics = self.evaluate_arch(arch, data, bn_images)
-            self.search_log.append({"arch": arch, "top1": metrics["val_top1"],
-                                    "loss": metrics["val_loss"]})
-            return metrics["val_top1"], -metrics["val_loss"]
+            self.search_log.append({"arch": arch, "select_top1": metrics["select_top1"],
+                                    "select_loss": metrics["select_loss"]})
+            return metrics["select_top1"], -metrics["select_loss"]
 
         result = self.search_architecture(fitness)
         self.chosen = list(result.arch)
         self.frozen = dict(enumerate(self.chosen))
-        self.evaluate_arch(self.chosen, data, bn_images)  # BN statistics of the chosen path
+        chosen = self.evaluate_arch(self.chosen, data, bn_images)  # BN statistics of the path
         self.phase = "searched"
         if cfg.final_phase != "none":
             self._start_final_phase(reinitialise=cfg.final_phase == "retrain")
-        return {"search_evaluated": len(self.search_log), "search_top1": float(result.score[0]),
+        return {"search_evaluated": len(self.search_log), "search_split": "select",
+                "search_select_top1": float(result.score[0]),
+                "search_select_loss": -float(result.score[1]),
+                "search_select_samples": int(chosen["select_samples"]),
                 "search_flops": self.space.flops(self.chosen)}
 
     def _start_final_phase(self, reinitialise: bool) -> None:

@@ -98,15 +98,23 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer
     """The `TorchTrainer` of a job (datasets read and checked here, before any worker starts).
     `callbacks`: Ray Train callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial."""
     datasets: dict[str, Any] = {}
+    # SPOS/random hold a share of the training split out to score candidates ("select");
+    # `num_train` is what is left, the exact count the schedule's steps come from.
+    fraction = job.search.selection_fraction
     if job.data.uri.startswith(SYNTHETIC):
-        synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed)
-        num_classes, num_train = synthetic.num_classes, synthetic.num_train
+        synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed,
+                                        fraction)
+        num_classes = synthetic.num_classes
+        num_train = synthetic.num_train - synthetic.num_select
     else:
         # The data order continues where Ray Train will resume the weights.
-        data = build_datasets(job.data, start_epoch=latest_checkpoint_epoch(job))
+        data = build_datasets(job.data, start_epoch=latest_checkpoint_epoch(job),
+                              selection_fraction=fraction)
         datasets = {"train": data.train, "val": data.val}
+        if data.select is not None:
+            datasets["select"] = data.select
         num_classes = data.manifest.num_classes
-        num_train = data.manifest.splits["train"].num_samples
+        num_train = data.num_train
     job.space.build(num_classes)  # fails here, not in a worker, if the space cannot be built
 
     fs, root = resolve_filesystem(job.storage.uri, job.storage.options)

@@ -58,7 +58,8 @@ def world_batch(job: JobConfig, world: int) -> tuple[int, float]:
 
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`. `config`: the validated job mapping (`job`), the
-    data set facts the driver read (`num_classes`, `num_train`), and `run_uri`."""
+    data set facts the driver read (`num_classes`, `num_train`: the training samples left
+    once any selection split is held out), and `run_uri`."""
     job = parse_config(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -331,8 +332,12 @@ class Batches:
         self.per_worker, self.steps = per_worker, steps_per_epoch
         self.device, self.channels_last = device, channels_last
         self.synthetic = None
+        # The selection split (SPOS/random): held out of `train` by the driver's datasets (or
+        # here, for synthetic data), read by `evaluate(split="select")`.
+        self.selection_fraction = job.search.selection_fraction
         if job.data.uri.startswith(SYNTHETIC):
-            self.synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed)
+            self.synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed,
+                                                 self.selection_fraction)
 
     def _prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = normalize(batch["image"], self.device, channels_last=self.channels_last)
@@ -369,12 +374,22 @@ class Batches:
             for _ in source:  # finish the shard's epoch so the next one starts cleanly
                 pass
 
-    def evaluate(self, forward, collective: Collective, prefix: str = "val") -> dict[str, float]:
-        """Top-1/top-5 of `forward` over this rank's validation shard, summed over ranks."""
+    def evaluate(self, forward, collective: Collective, prefix: str | None = None,
+                 split: str = "val") -> dict[str, float]:
+        """Top-1/top-5 of `forward` over this rank's shard of `split` (`val`, or `select`: the
+        selection split), summed over ranks; `prefix` defaults to the split's name."""
+        if split not in ("val", "select"):
+            raise ValueError(f"split = {split!r}: expected 'val' or 'select'")
+        if split == "select" and not self.selection_fraction:
+            raise ValueError("no selection split: search.strategy "
+                             f"{self.job.search.strategy!r} has no selection_fraction")
+        prefix = split if prefix is None else prefix
         if self.synthetic is not None:
-            source = self.synthetic.val_batches(self.rank, self.world, self.per_worker)
+            batches = (self.synthetic.val_batches if split == "val"
+                       else self.synthetic.select_batches)
+            source = batches(self.rank, self.world, self.per_worker)
         else:
-            source = ray.train.get_dataset_shard("val").iter_torch_batches(
+            source = ray.train.get_dataset_shard(split).iter_torch_batches(
                 batch_size=self.per_worker, drop_last=False, device="cpu")
         sums = torch.zeros(4, dtype=torch.float64)
         with torch.no_grad():
