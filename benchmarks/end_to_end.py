@@ -141,7 +141,7 @@ def run_search(strategy, data: TensorBatches, epoch: int, cost: Cost) -> None:
     cost.search_s += time.perf_counter() - t0
     scored = len(strategy.search_log) + 1  # + the chosen path's BN statistics, once more
     per_candidate = (min(strategy.config.bn_batches, data.steps_per_epoch) * data.batch_size
-                     + data.num_selection)
+                     + len(data.select_labels))
     cost.fwd_passes += scored * per_candidate
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -101,21 +102,43 @@ def digits_data(image_size: int, batch_size: int) -> TensorBatches:
     from sklearn.datasets import load_digits
 
     from raydsnas.data.builtin import DIGITS_TRAIN_SAMPLES
-    from raydsnas.data.pipeline import normalize
 
     digits = load_digits()
-    pixels = torch.from_numpy(digits.images * (255 / 16)).round().float().unsqueeze(1)
-    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear",
-                           align_corners=False).round().clamp(0, 255).to(torch.uint8)
-    images = normalize(pixels.expand(-1, 3, -1, -1).contiguous())
+    pixels = torch.from_numpy(np.round(digits.images * (255 / 16)).astype(np.uint8))
+    images = _resized_rgb(pixels.unsqueeze(1).expand(-1, 3, -1, -1), image_size)
     labels = torch.from_numpy(digits.target).long()
     n = DIGITS_TRAIN_SAMPLES
     return TensorBatches((images[:n], labels[:n]), (images[n:], labels[n:]), batch_size)
 
 
+def shapes_data(image_size: int, batch_size: int) -> TensorBatches:
+    """`builtin:shapes` as normalised tensors: the pixels its PNGs hold, its train/val split."""
+    from raydsnas.data.builtin import shapes_arrays
+
+    def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = shapes_arrays(name)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+        return _resized_rgb(pixels, image_size), torch.from_numpy(labels)
+
+    return TensorBatches(split("train"), split("val"), batch_size)
+
+
+def _resized_rgb(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> normalised float [N, 3, S, S]; bilinear resize only if H, W != S."""
+    from raydsnas.data.pipeline import normalize
+
+    if pixels.shape[-2:] != (image_size, image_size):
+        pixels = F.interpolate(pixels.float(), size=(image_size, image_size), mode="bilinear",
+                               align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    return normalize(pixels.contiguous())
+
+
+DATA_SETS = {"builtin:digits": digits_data, "builtin:shapes": shapes_data}
+
+
 def load_data(uri: str, image_size: int, batch_size: int) -> TensorBatches:
-    if uri == "builtin:digits":
-        return digits_data(image_size, batch_size)
+    if uri in DATA_SETS:
+        return DATA_SETS[uri](image_size, batch_size)
     if uri.startswith("synthetic:"):
         from raydsnas.data.pipeline import normalize
         from raydsnas.train.synthetic import SyntheticData
@@ -123,7 +146,7 @@ def load_data(uri: str, image_size: int, batch_size: int) -> TensorBatches:
         synthetic = SyntheticData.parse(uri, image_size, seed=0)
         (ti, tl), (vi, vl) = synthetic._split("train"), synthetic._split("val")
         return TensorBatches((normalize(ti), tl), (normalize(vi), vl), batch_size)
-    raise ValueError(f"--data {uri!r} is not allowed; expected 'builtin:digits' or "
+    raise ValueError(f"--data {uri!r} is not allowed; expected one of {sorted(DATA_SETS)} or "
                      "'synthetic:<classes>/<train>/<val>'")
 
 
