@@ -9,6 +9,25 @@ image. Fixed split by position in `load_digits()`: train = samples 0..1499 (1500
 val = samples 1500..1796 (297 images). Keys are "<digit>/<position:04d>.png". Upscale it (e.g.
 `image_size: 32`) and prefer mild crops (`crop_scale: [0.5, 1.0]`) and no flips (`hflip: false`).
 
+`builtin:shapes` -- a procedurally generated set, larger and harder than digits and needing no
+download: 16x16 RGB PNGs, 24 classes = 8 shape kinds (disc, ring, square, frame, triangle, cross,
+bars, star) x 3 fill styles (solid, striped, checked), folders "<kind>-<style>" (e.g.
+"disc-solid"). Train = images 0..11999 (500 a class), val = images 12000..14399 (100 a class);
+image i is of class SHAPES_CLASSES[i % 24] (the sorted class names) with key
+"<class>/<i:05d>.png". Each image is drawn by numpy alone from
+`default_rng(SeedSequence([SHAPES_SEED=1, split (train 0, val 1), i]))`, so the splits come from
+disjoint seeds and are the same on every run; PIL only encodes the PNGs. What is drawn, none of it
+depending on the class: a background of random colour with a gradient and a smooth texture, up to
+one distractor (a thin stroke or a small blob of any colour), the shape (half-size 5..7.5 pixels,
+anywhere it stays mostly inside, rotated by up to 25 degrees either way, anti-aliased by 4x4
+supersampling), whose stripes or checks (period 3.5..4.5 pixels) follow its own axes, and
+Gaussian pixel noise (sigma 2..6). Colours are a luminance plus a random chroma offset; the shape
+differs from the background by at least 90 in luminance, its second pattern colour by at least 70
+from both. The knobs are in SHAPES_DIFFICULTY; a change of any of them or of the drawing changes
+the set, so it must bump the set's cache version in BUILTIN_SETS (now 1). Use it at its native
+`image_size: 16`; it is sized to resolve a 0.5-point difference in top-1 (one val image is 0.04
+points). `shapes_arrays(split)` gives the pixels in memory, exactly those of the PNGs.
+
 Cache: `$RAYDSNAS_CACHE/builtin/<name>-v<version>/`, else `$XDG_CACHE_HOME/raydsnas/...`, else
 `~/.cache/raydsnas/...`. It is built in a temporary folder and renamed into place, so concurrent
 first uses never see half a set.
@@ -35,7 +54,8 @@ SHAPES_SHARD_SIZE = 1000
 SHAPES_KINDS = ("disc", "ring", "square", "frame", "triangle", "cross", "bars", "star")
 SHAPES_STYLES = ("solid", "striped", "checked")
 # Sorted, as the shard writer numbers the class folders; image i of the whole set is class i % 24.
-SHAPES_CLASSES = tuple(sorted(f"{kind}-{style}" for kind in SHAPES_KINDS for style in SHAPES_STYLES))
+SHAPES_CLASSES = tuple(sorted(f"{kind}-{style}" for kind in SHAPES_KINDS
+                             for style in SHAPES_STYLES))
 # split -> (its number in the seeds, index of its first image, images)
 SHAPES_SPLITS = {"train": (0, 0, 12_000), "val": (1, 12_000, 2_400)}
 
@@ -61,9 +81,14 @@ def write_digits_folders(train_dir: Path, val_dir: Path) -> None:
 
 
 # -- builtin:shapes ------------------------------------------------------------------------------
-SHAPES_KNOBS = {"chroma": 40.0, "texture": 8.0, "gradient": 30.0, "fg_gap": 80.0, "fg2_gap": 70.0,
-                "bg2_gap": 50.0, "behind": 1, "in_front": 0, "scale": (5.0, 7.5), "noise": (2.0, 6.0),
-                "rotation": 25.0}
+# What makes the set hard, tuned so that a child network of the laptop space trained alone for 8
+# epochs is far from saturated (see the README): colour spreads and luminance gaps, distractors
+# behind and in front of the shape (at most), the shape's half-size and rotation range, pixel noise.
+SHAPES_DIFFICULTY = {
+    "chroma": 40.0, "texture": 8.0, "gradient": 30.0,
+    "fg_gap": 90.0, "fg2_gap": 70.0, "bg2_gap": 70.0,
+    "behind": 1, "in_front": 0, "scale": (5.0, 7.5), "rotation": 25.0, "noise": (2.0, 6.0),
+}
 _SUPERSAMPLE = 4  # shapes are drawn on a 4x finer grid and averaged down: anti-aliased edges
 _FINE = (np.arange(SHAPES_SIZE * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE  # fine pixel centres
 _FINE_Y, _FINE_X = np.meshgrid(_FINE, _FINE, indexing="ij")
@@ -88,7 +113,8 @@ def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         normals = np.deg2rad([270.0, 30.0, 150.0])
         return np.all([u * np.cos(a) + v * np.sin(a) <= 0.55 for a in normals], axis=0)
     if kind == "cross":
-        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
+        return (((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95))
+                | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95)))
     if kind == "bars":
         return (np.abs(u) <= 0.9) & (np.abs(v) >= 0.25) & (np.abs(v) <= 0.75)
     if kind == "star":  # five points: the radius runs from 0.45 between points to 1.1 at them
@@ -99,7 +125,7 @@ def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def _colour(rng: np.random.Generator, luminance: float) -> np.ndarray:
     """A random RGB colour of mean `luminance`: grey plus a random zero-mean chroma offset."""
-    chroma = rng.normal(0, SHAPES_KNOBS["chroma"], 3)
+    chroma = rng.normal(0, SHAPES_DIFFICULTY["chroma"], 3)
     return luminance + chroma - chroma.mean()
 
 
@@ -125,19 +151,21 @@ def _luminance(rng: np.random.Generator, away_from: list[tuple[float, float]]) -
 def _shapes_image(rng: np.random.Generator, kind: str, style: str) -> np.ndarray:
     """One uint8 [16, 16, 3] image of `kind` in `style`; everything else is drawn from `rng`."""
     size = SHAPES_SIZE
+    k = SHAPES_DIFFICULTY
     # Background: a colour, a gradient in a random direction and a smooth random texture.
-    k = SHAPES_KNOBS
     bg_luminance = rng.uniform(20, 235)
     base = _colour(rng, bg_luminance)
     angle = rng.uniform(0, 2 * np.pi)
     ramp = ((_PIXEL_X - size / 2) * np.cos(angle) + (_PIXEL_Y - size / 2) * np.sin(angle)) / size
-    texture = np.einsum("ia,abc,jb->ijc", _TEXTURE_UP, rng.normal(0, k["texture"], (5, 5, 3)), _TEXTURE_UP)
+    grid = rng.normal(0, k["texture"], (5, 5, 3))
+    texture = np.einsum("ia,abc,jb->ijc", _TEXTURE_UP, grid, _TEXTURE_UP)
     image = base + ramp[..., None] * rng.normal(0, k["gradient"], 3) + texture
 
     # Colours never depend on the class; the shape stands out from the background by luminance.
     fg_luminance = _luminance(rng, [(bg_luminance, k["fg_gap"])])
     fg = _colour(rng, fg_luminance)
-    fg2 = _colour(rng, _luminance(rng, [(fg_luminance, k["fg2_gap"]), (bg_luminance, k["bg2_gap"])]))
+    fg2_luminance = _luminance(rng, [(fg_luminance, k["fg2_gap"]), (bg_luminance, k["bg2_gap"])])
+    fg2 = _colour(rng, fg2_luminance)
 
     def paint(mask: np.ndarray, fill: np.ndarray) -> None:
         """Blend `fill` (a colour, or colours on the fine grid) over `image` where `mask` is."""
@@ -174,9 +202,9 @@ def _shapes_image(rng: np.random.Generator, kind: str, style: str) -> np.ndarray
     if style == "solid":
         fill = fg
     else:
-        beta, phase = rng.uniform(0, 2 * np.pi), rng.uniform(0, 1, 2)
-        s = (_FINE_X * np.cos(beta) + _FINE_Y * np.sin(beta)) / rng.uniform(3.0, 4.0)
-        t = (-_FINE_X * np.sin(beta) + _FINE_Y * np.cos(beta)) / rng.uniform(3.0, 4.0)
+        # The pattern runs along the shape's own axes, period 3.5..4.5 pixels, random phase.
+        period, phase = rng.uniform(3.5, 4.5), rng.uniform(0, 1, 2)
+        s, t = u * scale / period, v * scale / period
         if style == "striped":
             second = (s + phase[0]) % 1.0 < 0.5
         elif style == "checked":
@@ -192,17 +220,25 @@ def _shapes_image(rng: np.random.Generator, kind: str, style: str) -> np.ndarray
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
+def shapes_image(split: str, index: int, seed: int = SHAPES_SEED) -> np.ndarray:
+    """Image `index` (numbered over the whole set, as in its key) of `builtin:shapes`: uint8
+    [16, 16, 3] of class SHAPES_CLASSES[index % 24], drawn from
+    SeedSequence([seed, split number, index])."""
+    number, first, count = SHAPES_SPLITS[split]
+    if not first <= index < first + count:
+        raise IndexError(f"{split} images are numbered {first}..{first + count - 1}, not {index}")
+    kind, style = SHAPES_CLASSES[index % len(SHAPES_CLASSES)].split("-")
+    return _shapes_image(np.random.default_rng(np.random.SeedSequence([seed, number, index])),
+                         kind, style)
+
+
 def shapes_arrays(split: str, seed: int = SHAPES_SEED) -> tuple[np.ndarray, np.ndarray]:
     """The images (uint8 [N, 16, 16, 3]) and labels (int64 [N], indices into SHAPES_CLASSES) of
-    a split of `builtin:shapes`. Image i is drawn from SeedSequence([seed, split number, i])."""
-    number, first, count = SHAPES_SPLITS[split]
-    images = np.empty((count, SHAPES_SIZE, SHAPES_SIZE, 3), dtype=np.uint8)
-    labels = np.arange(first, first + count, dtype=np.int64) % len(SHAPES_CLASSES)
-    for i, label in enumerate(labels):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, number, first + i]))
-        kind, style = SHAPES_CLASSES[label].split("-")
-        images[i] = _shapes_image(rng, kind, style)
-    return images, labels
+    a split of `builtin:shapes`, in the order of `shapes_keys`."""
+    _, first, count = SHAPES_SPLITS[split]
+    indices = range(first, first + count)
+    images = np.stack([shapes_image(split, i, seed) for i in indices])
+    return images, np.array(indices, dtype=np.int64) % len(SHAPES_CLASSES)
 
 
 def shapes_keys(split: str) -> list[str]:
