@@ -211,7 +211,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # early-stop check every 10 steps let layers settle by h within those 4 epochs.
     "search": {"strategy": "dsnas", "epochs": 12, "global_batch_size": 64, "lr": 0.1,
                "lr_reference_batch": 64, "h": 0.15, "alpha_lr": 0.1, "warmup_epochs": 1,
-               "freeze_check_every": 10, "freeze_by": 4, "child_schedule": "restart",
+               "freeze_check_every": 10, "freeze_by": 0.3333, "child_schedule": "restart",
                "bn_recalibration_batches": 8},
     "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},
     "storage": {"uri": "./runs"},

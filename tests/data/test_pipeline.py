@@ -189,7 +189,7 @@ def test_aws_endpoint_url_environment_variable_is_honoured(
         ({"image_size": 0}, r"data.image_size = 0: must be an integer from 4 to 4096"),
         (
             {"uri": "builtin:cifar"},
-            r"data.uri = 'builtin:cifar': unknown built-in data set; known: \['builtin:digits'\]",
+            r"data.uri = 'builtin:cifar': unknown built-in data set; known: \['builtin:digits', 'builtin:shapes'\]",
         ),
         ({"crop_scale": (0.9, 0.1)}, r"data.crop_scale = \(0.9, 0.1\): must be \[min, max\]"),
         ({"val_crop_ratio": 1.5}, r"data.val_crop_ratio = 1.5: must be a number in \(0, 1\]"),
