@@ -17,7 +17,9 @@ any strategy. Frozen/pruned layers of that checkpoint (DSNAS early stop, SPOS fi
 keep their choice in every architecture. `--archs FILE` has one architecture a line (commas or
 spaces; `#` starts a comment). `--data` is `builtin:digits` (scikit-learn's digits, the
 built-in set's split, resized to the space's input size with bilinear interpolation: close to,
-not bit-identical with, the Ray Data pipeline's PIL resize) or `synthetic:<classes>/<train>/<val>`.
+not bit-identical with, the Ray Data pipeline's PIL resize), `builtin:shapes` (the generated
+set's pixels, exactly those of its PNGs at the native 16x16; resized like digits at other sizes)
+or `synthetic:<classes>/<train>/<val>`.
 """
 
 from __future__ import annotations

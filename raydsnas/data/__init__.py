@@ -33,9 +33,6 @@ Reading
         y = batch["label"].to(device)
 
 Rows are `{"image": uint8 [N, 3, S, S], "label": int64}` (plus `"key"` with `keep_keys`).
-`build_datasets(spec, selection_fraction=f)` (SPOS/random's selection split) also holds the
-training rows whose key hashes into the first share `f` out of `train` and returns them as
-`select` (validation transform), with exact `num_train` / `num_select` counts.
 Train: Parquet read with a seeded file shuffle, decode + RandomResizedCrop(`crop_scale`,
 `crop_ratio`) + horizontal flip in `map_batches` on CPU; each worker's `iter_train_batches` adds a
 local shuffle buffer of `shuffle_buffer` rows. Validation: Resize(shorter side = image_size /
@@ -55,6 +52,12 @@ grayscale PNGs and decoded to 3 channels, written as a shard set into the local 
 (`$RAYDSNAS_CACHE`, else `~/.cache/raydsnas`) on first use and read back through exactly the path
 above. Fixed split: train = samples 0..1499 of `load_digits()`, val = samples 1500..1796.
 Suggested: `image_size: 32, crop_scale: [0.5, 1.0], hflip: false`.
+
+`uri: builtin:shapes` -- 14 400 generated 16x16 RGB images of 24 classes (8 shape kinds x 3 fill
+styles, e.g. `disc-solid`, `star-checked`), 12 000 train / 2 400 val, drawn from fixed seeds by
+a numpy generator in `raydsnas.data.builtin` (no download), written and read back the same way.
+Harder than digits and large enough to resolve a 0.5-point top-1 difference. Suggested:
+`image_size: 16`.
 
 Storage options and AWS environment variables
 ---------------------------------------------

@@ -23,8 +23,11 @@ anywhere it stays mostly inside, rotated by up to 25 degrees either way, anti-al
 supersampling), whose stripes or checks (period 3.5..4.5 pixels) follow its own axes, and
 Gaussian pixel noise (sigma 2..6). Colours are a luminance plus a random chroma offset; the shape
 differs from the background by at least 90 in luminance, its second pattern colour by at least 70
-from both. The knobs are in SHAPES_DIFFICULTY; a change of any of them or of the drawing changes
-the set, so it must bump the set's cache version in BUILTIN_SETS (now 1). Use it at its native
+from both (halved in the rare draws where no luminance in 20..235 is that far from both). The
+knobs are in SHAPES_DIFFICULTY; a change of any of them or of the drawing changes the set, so it
+must bump the set's cache version in BUILTIN_SETS (now 1). The drawing is floating-point numpy
+(trigonometry, bilinear texture): the bytes are the same on every run and machine of the same
+numpy build; another build could in principle move a pixel by one level. Use it at its native
 `image_size: 16`; it is sized to resolve a 0.5-point difference in top-1 (one val image is 0.04
 points). `shapes_arrays(split)` gives the pixels in memory, exactly those of the PNGs.
 
@@ -158,7 +161,7 @@ def _shapes_image(rng: np.random.Generator, kind: str, style: str) -> np.ndarray
     angle = rng.uniform(0, 2 * np.pi)
     ramp = ((_PIXEL_X - size / 2) * np.cos(angle) + (_PIXEL_Y - size / 2) * np.sin(angle)) / size
     grid = rng.normal(0, k["texture"], (5, 5, 3))
-    texture = np.einsum("ia,abc,jb->ijc", _TEXTURE_UP, grid, _TEXTURE_UP)
+    texture = (_TEXTURE_UP @ grid.transpose(2, 0, 1) @ _TEXTURE_UP.T).transpose(1, 2, 0)
     image = base + ramp[..., None] * rng.normal(0, k["gradient"], 3) + texture
 
     # Colours never depend on the class; the shape stands out from the background by luminance.
@@ -252,8 +255,8 @@ def write_shapes_folders(train_dir: Path, val_dir: Path) -> None:
     """Write `builtin:shapes` as RGB PNG files in ImageNet-style folders <dir>/<class>/<i>.png."""
     for split, root in (("train", train_dir), ("val", val_dir)):
         images, _ = shapes_arrays(split)
-        for key in sorted({key.split("/")[0] for key in shapes_keys(split)}):
-            (root / key).mkdir(parents=True, exist_ok=True)
+        for name in sorted({key.split("/")[0] for key in shapes_keys(split)}):
+            (root / name).mkdir(parents=True, exist_ok=True)
         for image, key in zip(images, shapes_keys(split), strict=True):
             Image.fromarray(image).save(root / key)
 
