@@ -58,9 +58,13 @@ def run_cli(sets: list[str], cwd: Path, env_extra: dict | None = None, **kw):
 
 @pytest.mark.slow
 def test_two_workers_shared_policy_equal_one_worker_with_the_whole_batch(ray_local, tmp_path):
-    one = run_search(load_config(None, synthetic_sets(tmp_path, "one")))
+    # No search deadline: at a deadline near-tied layers freeze on an argmax that float
+    # reduction order may flip; this test is about the updates being the same.
+    one = run_search(load_config(None, synthetic_sets(tmp_path, "one",
+                                                      **{"search.freeze_by": "null"})))
     two = run_search(load_config(None, synthetic_sets(
-        tmp_path, "two", **{"scaling.num_workers": 2, "scaling.sync_bn": "true"})))
+        tmp_path, "two", **{"scaling.num_workers": 2, "scaling.sync_bn": "true",
+                            "search.freeze_by": "null"})))
     a, b = final_state(tmp_path / "one")["strategy"], final_state(tmp_path / "two")["strategy"]
     assert a["step"] == b["step"] == 8
     assert a["frozen"] == b["frozen"]
