@@ -125,3 +125,15 @@ def ray_local(aws_test_credentials, tmp_path_factory) -> Iterator[Path]:
     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
     yield session_dir
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny networks: one intra-op thread for the module (two contend badly on a shared 2-core
+    machine). Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

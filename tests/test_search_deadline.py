@@ -17,12 +17,7 @@ SPACE = SearchSpace(num_classes=5, input_size=16, width_mult=0.25, stage_repeats
 STEPS = 4  # per epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(**overrides) -> DSNAS:

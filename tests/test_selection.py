@@ -20,12 +20,7 @@ SEARCH = {"spos": {"population": 4, "iterations": 2, "top_k": 2, "mutations": 2,
           "random": {"num_samples": 4}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def indexed(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
