@@ -346,6 +346,10 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--group", choices=("one-stage", "two-stage", "all"), default="all")
     parser.add_argument("--ablations", action="store_true", help="also the dsnas ablations")
+    parser.add_argument("--methods", type=lambda v: tuple(v.split(",")),
+                        help="comma-separated methods to run instead of --group/--ablations "
+                        f"(of {', '.join(ONE_STAGE + TWO_STAGE + ABLATIONS)}; spos+retrain "
+                        "also gives spos+finetune), to balance parallel processes")
     parser.add_argument("--batch", type=int, default=64)
     # One intra-op thread: on a small, shared CPU two threads stall on each other's load.
     parser.add_argument("--threads", type=int, default=1)
@@ -387,6 +391,11 @@ def main() -> None:
     methods = {"one-stage": ONE_STAGE, "two-stage": TWO_STAGE,
                "all": ONE_STAGE + TWO_STAGE}[args.group]
     methods += ABLATIONS if args.ablations else ()
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(ONE_STAGE + TWO_STAGE + ABLATIONS))
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}")
+        methods = args.methods
 
     results: list[Outcome] = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -409,7 +418,9 @@ def main() -> None:
             elif method == "fixed-random":
                 runs.append(run_fixed(method, space, batches(), args, seed,
                                       random_arch(space, seed)))
-            elif method == "spos+retrain":
+            elif method in ("spos+retrain", "spos+finetune"):
+                if any(r.method == method for r in runs):
+                    continue  # both rows come from one run_spos
                 runs += run_spos(space, batches(args.selection_fraction), args, seed, limit)
             elif method == "random+finetune":
                 runs.append(run_random(space, batches(args.selection_fraction), args, seed,
