@@ -141,8 +141,11 @@ def _read_verified(fs, root: str, uri: str, record: dict, name: str) -> bytes:
 
 def load_child(uri: str, *, device: torch.device | str = "cpu",
                storage_options: Mapping[str, Any] | None = None) -> ChildNet:
-    """The child network at `uri`, in eval mode, with `.arch` and `.meta` (the whole record).
+    """The child network at `uri`, in eval mode, with `.arch`, `.meta` and `.record`.
 
+    `.meta` is the metadata saved with it (a run's export: `top1`, `top5`, `val_samples`,
+    `worker_hours`, `config`, ...), always with the architecture's `flops` and `params`;
+    `.record` is the whole `arch.json` (space, checksums, versions).
     Reads JSON and safetensors only: nothing is unpickled and no code from the artifact runs.
     """
     fs, root = resolve_filesystem(uri, storage_options)
@@ -150,7 +153,8 @@ def load_child(uri: str, *, device: torch.device | str = "cpu",
     state = load_safetensors(_read_verified(fs, root, uri, record, WEIGHTS_FILE))
     child = ChildNet(SearchSpace.from_dict(record["space"]), record["arch"])
     child.load_state_dict(state, strict=True)
-    child.meta = record
+    child.record = record
+    child.meta = {**record["meta"], "flops": record["flops"], "params": record["params"]}
     return child.to(device).eval()
 
 
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    space, record = child.space, child.meta
+    space, record = child.space, child.record
     x = torch.rand(args.batch, space.in_channels, space.input_size, space.input_size)
     with torch.no_grad():
         logits = child(x)

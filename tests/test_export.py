@@ -1,6 +1,7 @@
 """The deployable artifact: round trip, the exported program, safety of loading, atomicity,
 and BatchNorm recalibration."""
 
+import ast
 import json
 import os
 import subprocess
@@ -38,8 +39,9 @@ def test_loaded_child_and_exported_program_reproduce_the_supernet_logits(trained
 
     child = load_child(uri)
     assert child.arch == arch and not child.training
-    assert child.meta["meta"] == {"top1": 0.5}
-    assert child.meta["flops"] == SPACE.flops(arch) and child.meta["params"] == SPACE.params(arch)
+    assert child.meta == {"top1": 0.5, "flops": SPACE.flops(arch), "params": SPACE.params(arch)}
+    assert child.record["meta"] == {"top1": 0.5}
+    assert child.record["flops"] == SPACE.flops(arch) and child.record["params"] == SPACE.params(arch)
     with torch.no_grad():
         assert (child(x) - expected).abs().max() <= 1e-5
         program = load_program(uri, trusted=True).module()
@@ -143,3 +145,19 @@ def test_artifact_round_trips_through_s3_without_leaking_the_secret(trained, s3_
         assert (child(x) - trained.predict(x, child.arch)).abs().max() <= 1e-5
     with pytest.raises(ArtifactError, match="no arch.json"):
         load_child(f"s3://{bucket}/elsewhere", storage_options=s3_server.storage_options)
+
+
+def test_load_child_imports_neither_the_search_nor_ray(trained, tmp_path):
+    """What the README says of serving: `from raydsnas import load_child` and a load import the
+    artifact reader and the child network, not the supernet, a strategy or Ray."""
+    uri = save_child(trained.export_child(), str(tmp_path / "subnet"), program=False)
+    code = ("import sys\n"
+            "from raydsnas import load_child\n"
+            f"child = load_child({uri!r})\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('raydsnas', 'ray.', 'ray'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    modules = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    assert "raydsnas.export" in modules and "raydsnas.space.child" in modules
+    assert not {m for m in modules if m.startswith(("raydsnas.strategies", "ray.", "raydsnas.train"))
+                or m in ("ray", "raydsnas.space.supernet")}, modules

@@ -129,11 +129,11 @@ def test_default_run_with_no_arguments_writes_an_accurate_child(tmp_path):
     subnet = tmp_path / "runs" / "dsnas-digits" / "subnet"
     assert f"child network: {subnet}" in out
     child = load_child(str(subnet))
-    top1 = child.meta["meta"]["top1"]
+    top1 = child.meta["top1"]
     assert top1 > 0.6  # 10 classes: chance is 0.1
     # The convergence guarantee: the search ended (every layer frozen) by its deadline, so the
     # child's weights are its own, trained alone for the rest of the run.
-    assert child.meta["meta"]["search_end_step"] is not None
+    assert child.meta["search_end_step"] is not None
     assert "[raydsnas] search ended at step" in out
     assert (tmp_path / "runs" / "dsnas-digits" / "events").is_dir()
 

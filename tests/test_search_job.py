@@ -79,7 +79,7 @@ def test_two_workers_shared_policy_equal_one_worker_with_the_whole_batch(ray_loc
                                        msg=lambda m, key=key: f"{key}: {m}")
     assert one.record["arch"] == two.record["arch"]
     child = load_child(two.subnet_uri)
-    assert child.meta["meta"]["flops"] == child.space.flops(child.arch)
+    assert child.meta["flops"] == child.space.flops(child.arch)
 
 
 @pytest.mark.slow

@@ -315,7 +315,7 @@ def test_spos_with_finetune_on_two_workers_and_snas_run_through_ray_train(ray_lo
     assert (meta["strategy"], meta["search_epochs"], meta["epochs"]) == ("spos", 1, 2)
     child = load_child(spos.subnet_uri)
     assert child.arch == state["strategy"]["chosen"] and child.meta["flops"] <= limit
-    assert child.meta["meta"]["worker_hours"] > 0
+    assert child.meta["worker_hours"] > 0
 
     snas = run_search(load_config(None, ray_job_sets(tmp_path, "snas", **{
         "search.strategy": "snas", "search.epochs": 2, "search.alpha_lr": 0.05})))

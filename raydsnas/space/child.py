@@ -42,7 +42,8 @@ class ChildNet(nn.Module):
         self.stem = build_stem(space)
         self.blocks = nn.Sequential(*(ChoiceBlock(specs[l][k], space.bn_eps) for l, k in enumerate(self.arch)))
         self.head = Head(space)
-        self.meta: dict = {}
+        self.meta: dict = {}  # load_child: the artifact's metadata (top1, flops, ...)
+        self.record: dict = {}  # load_child: the whole arch.json
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
