@@ -18,7 +18,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +195,25 @@ class JobConfig:
     source: dict = field(default_factory=dict, compare=False)  # the validated mapping, for records
 
     def to_dict(self) -> dict:
+        """The validated mapping as given (only the keys that were set)."""
         return self.source
+
+    def resolved(self) -> dict:
+        """Every setting with the value the run uses (defaults filled in), JSON-shaped: what
+        `--print-config` shows, what a run records, and what a rerun is compared against."""
+        classes = self.space.num_classes if self.space.num_classes != "auto" else 10
+        built = self.space.build(classes).to_dict()
+        space = {"preset": self.space.preset, "num_classes": self.space.num_classes,
+                 **{k: v for k, v in built.items() if k != "num_classes"}}
+        search = {f.name: getattr(self.search, f.name) for f in fields(SearchSection)
+                  if f.name != "dsnas"}
+        strategy = asdict(self.search.strategy_config(steps_per_epoch=1, lr=self.search.base_lr))
+        search.update({k: v for k, v in strategy.items() if k not in ("epochs", "steps_per_epoch")})
+        out = {"name": self.name, "space": space, "data": asdict(self.data), "search": search,
+               "scaling": asdict(self.scaling),
+               "storage": {"uri": self.storage.uri, "options": dict(self.storage.options),
+                           "keep_checkpoints": self.storage.keep_checkpoints}}
+        return json.loads(json.dumps(out))  # tuples -> lists, as it is stored
 
 
 DEFAULT_CONFIG: dict[str, Any] = {

@@ -21,6 +21,7 @@ import yaml
 from raydsnas.config import ConfigError, load_config
 from raydsnas.data.errors import DataError
 from raydsnas.export import ArtifactError
+from raydsnas.train.provenance import RunConflictError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="KEY=VALUE", help="override a config value, e.g. search.h=0.2 "
                         "(repeatable; values are YAML: 0.2, [1,4], null, s3://bucket/runs)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the validated configuration and exit")
+                        help="print every setting with the value the run would use (defaults "
+                        "filled in) and exit")
+    parser.add_argument("--resume-with-changes", action="store_true",
+                        help="rerunning an existing run: apply changed search.epochs (to "
+                        "extend it), checkpoint_every, bn_recalibration_batches or "
+                        "data.skip_corrupt from the epoch it reached, and record them. Without "
+                        "it a rerun must have the run's recorded settings")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and a preflight (resources, memory, "
                         "FLOPs, data size); exit 2 if the job cannot fit. Starts nothing")
@@ -48,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raydsnas: configuration error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(job.to_dict(), indent=2))
+        print(json.dumps(job.resolved(), indent=2))
         return 0
     if args.dry_run:
         return dry_run(job, args.cluster, args.gpu_memory_gib)
@@ -58,16 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     from raydsnas.train.launcher import run_search  # imports Ray: after the config is valid
 
     try:
-        outcome = run_search(job)
+        outcome = run_search(job, resume_with_changes=args.resume_with_changes)
+    except RunConflictError as err:
+        print(f"raydsnas: configuration error: {err}", file=sys.stderr)
+        return 2
     except (DataError, ConfigError) as err:
         print(f"raydsnas: input error: {err}", file=sys.stderr)
         return 2
     except ArtifactError as err:
         print(f"raydsnas: the run finished without a child network: {err}", file=sys.stderr)
         return 1
+    for note in outcome.notes:
+        print(f"raydsnas: {note}")
     meta = outcome.record["meta"]
-    print(f"\nraydsnas: search '{job.name}' finished in {outcome.wall_s:.0f} s "
-          f"({meta['worker_hours']:.3f} worker-hours of training)")
+    if outcome.already_finished:
+        print(f"\nraydsnas: search '{job.name}' had already finished with these settings "
+              f"({outcome.run_uri}); nothing to do. To run it again, choose a new name "
+              f"(--set name={job.name}-2); to train it longer, raise search.epochs with "
+              "--resume-with-changes")
+    else:
+        print(f"\nraydsnas: search '{job.name}' finished in {outcome.wall_s:.0f} s "
+              f"({meta['worker_hours']:.3f} worker-hours of training)")
     print(f"  child network: {outcome.subnet_uri}")
     print(f"  architecture:  {outcome.record['arch']}")
     print(f"  validation:    top-1 {meta['top1']:.4f}, top-5 {meta['top5']:.4f} "

@@ -46,11 +46,12 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(checkpoints(run_dir)[-1] / "state.pt", weights_only=True)
 
 
-def run_cli(sets: list[str], cwd: Path, env_extra: dict | None = None, **kw):
-    """`python -m raydsnas.search --set ...` in its own process group (so a test can kill the
-    driver together with the local Ray it started)."""
+def run_cli(sets: list[str], cwd: Path, env_extra: dict | None = None,
+            extra_args: list[str] = (), **kw):
+    """`python -m raydsnas.search --set ... [extra_args]` in its own process group (so a test
+    can kill the driver together with the local Ray it started)."""
     env = {**os.environ, "RAY_ADDRESS": "", **(env_extra or {})}
-    args = [a for item in sets for a in ("--set", item)]
+    args = [a for item in sets for a in ("--set", item)] + list(extra_args)
     return subprocess.Popen([sys.executable, "-m", "raydsnas.search", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)

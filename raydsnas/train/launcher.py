@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -31,6 +31,7 @@ from raydsnas.data.storage import (
 )
 from raydsnas.export import read_record
 from raydsnas.train.loop import STATE_FILE, train_func
+from raydsnas.train.provenance import reconcile
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
 from raydsnas.train.synthetic import SyntheticData
 
@@ -44,6 +45,8 @@ class SearchOutcome:
     subnet_uri: str
     record: dict[str, Any]
     wall_s: float
+    already_finished: bool = False  # a rerun of a finished run: nothing was trained
+    notes: list[str] = field(default_factory=list)  # what the rerun check found
 
 
 def run_uri(job: JobConfig) -> str:
@@ -94,9 +97,12 @@ def latest_checkpoint_epoch(job: JobConfig) -> int:
     return max(epochs, default=0)
 
 
-def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer:
+def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
+                  config_changes: Sequence[dict] = ()) -> TorchTrainer:
     """The `TorchTrainer` of a job (datasets read and checked here, before any worker starts).
-    `callbacks`: Ray Train callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial."""
+    `callbacks`: Ray Train callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial;
+    `config_changes`: the run's recorded configuration changes (`provenance`), for its child's
+    metadata."""
     datasets: dict[str, Any] = {}
     # SPOS/random hold a share of the training split out to score candidates ("select");
     # `num_train` is what is left, the exact count the schedule's steps come from.
@@ -129,7 +135,8 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer
     return TorchTrainer(
         train_func,
         train_loop_config={"job": job.to_dict(), "num_classes": num_classes,
-                           "num_train": num_train, "run_uri": run_uri(job)},
+                           "num_train": num_train, "run_uri": run_uri(job),
+                           "config_changes": list(config_changes)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker=resources,
@@ -145,12 +152,24 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer
     )
 
 
-def run_search(job: JobConfig) -> SearchOutcome:
-    """Run (or resume) a search job to the end and return where its child network went."""
+def run_search(job: JobConfig, *, resume_with_changes: bool = False) -> SearchOutcome:
+    """Run (or resume) a search job to the end and return where its child network went.
+
+    A rerun of the same `(storage, name)` is checked against the run's recorded configuration
+    first (`provenance.reconcile`, before Ray starts): a finished run returns at once
+    (`already_finished`), a change to what the run trains raises `RunConflictError`."""
     t0 = time.perf_counter()
+    uri = run_uri(job)
+    state = reconcile(job, uri, latest_checkpoint_epoch(job),
+                      resume_with_changes=resume_with_changes)
+    subnet_uri = f"{uri}/subnet"
+    if state.finished:
+        return SearchOutcome(uri, subnet_uri, state.record, time.perf_counter() - t0,
+                             already_finished=True, notes=state.notes)
     connect_ray()
-    trainer = build_trainer(job)
+    trainer = build_trainer(job, config_changes=state.pending["changes"] if state.pending
+                            else state.changes)
+    state.commit()  # the driver's checks passed: the run starts under this configuration
     trainer.fit()
-    subnet_uri = f"{run_uri(job)}/subnet"
     record = read_record(subnet_uri, job.storage.options)
-    return SearchOutcome(run_uri(job), subnet_uri, record, time.perf_counter() - t0)
+    return SearchOutcome(uri, subnet_uri, record, time.perf_counter() - t0, notes=state.notes)

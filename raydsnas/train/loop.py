@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray.train
@@ -189,7 +189,8 @@ def train_func(config: dict[str, Any]) -> None:
             # committed first, so the retry resumes here and only exports again.
             try:
                 metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
-                                             elapsed_s, worker_s, total_epochs))
+                                             elapsed_s, worker_s, total_epochs,
+                                             config.get("config_changes", ())))
             except Exception:
                 report_with_checkpoint(metrics, strategy, rank, checkpoint_name, epoch + 1,
                                        elapsed_s, worker_s, history)
@@ -203,7 +204,8 @@ def train_func(config: dict[str, Any]) -> None:
         last_epoch = {k: v for k, v in (history[-1] if history else {}).items() if k != "probs"}
         ray.train.report({**last_epoch, "arch": json.dumps(
             strategy.argmax_arch()), **export_result(job, strategy, data, collective, run_uri,
-                                                     rank, elapsed_s, worker_s, total_epochs)})
+                                                     rank, elapsed_s, worker_s, total_epochs,
+                                                     config.get("config_changes", ()))})
     events.close()
 
 
@@ -237,7 +239,8 @@ def search_progress(strategy: SearchStrategy, history: list[dict], epoch: int) -
 
 def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
                   collective: Collective, run_uri: str, rank: int, elapsed_s: float,
-                  worker_s: float, total_epochs: int | None = None) -> dict[str, Any]:
+                  worker_s: float, total_epochs: int | None = None,
+                  config_changes: Sequence[dict] = ()) -> dict[str, Any]:
     """BN-recalibrate, evaluate and export the argmax child (every rank computes, rank 0 writes).
 
     `worker_hours` counts every epoch the run took, search and any retrain/finetune phase, so
@@ -258,7 +261,8 @@ def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
         "val_samples": accuracy["child_val_samples"], "flops": space.flops(arch),
         "params": space.params(arch), "wall_time_s": elapsed_s, "worker_hours": worker_s / 3600,
         "steps": strategy.step_count, "frozen_layers": {str(k): v for k, v in strategy.frozen.items()},
-        "bn_recalibrated": bool(job.search.bn_recalibration_batches), "config": job.to_dict(),
+        "bn_recalibrated": bool(job.search.bn_recalibration_batches), "config": job.resolved(),
+        "config_changes": list(config_changes),
         "strategy": job.search.strategy, "search_epochs": job.search.epochs,
         "epochs": total_epochs, "search_end_step": getattr(strategy, "search_end_step", None),
         "forced_layers": list(getattr(strategy, "forced", [])),
