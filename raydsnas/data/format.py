@@ -16,6 +16,7 @@ stale or foreign file.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydsnas.data.errors import LabelOutOfRangeError, ShardFormatError, ShardSetNotFoundError
-from raydsnas.data.storage import join_path, read_bytes, write_bytes_atomic
+from raydsnas.data.storage import is_store_failure, join_path, read_bytes, write_bytes_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
@@ -33,6 +34,8 @@ SPLITS = ("train", "val")
 SHARD_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("key", pa.string())])
 PLAN_DIGEST_METADATA_KEY = b"raydsnas.plan_digest"
 SHARD_INDEX_METADATA_KEY = b"raydsnas.shard_index"
+# JSON [[key, reason], ...]: planned rows the writer left out (`--skip-corrupt`).
+SKIPPED_METADATA_KEY = b"raydsnas.skipped"
 FOOTER_CHECK_THREADS = 16  # footer reads are latency-bound on object stores
 
 
@@ -56,6 +59,16 @@ class SplitInfo:
         return sum(self.class_counts)
 
 
+@dataclass(frozen=True, order=True)
+class SkippedImage:
+    """A source image the writer left out (`--skip-corrupt`): split, key ("<class>/<file>",
+    relative to the source folder) and why."""
+
+    split: str
+    key: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What `_manifest.json` says about a shard set: classes (label i = classes[i], sorted folder
@@ -67,6 +80,7 @@ class Manifest:
     shard_size: int
     seed: int
     format_version: int = FORMAT_VERSION
+    skipped: tuple[SkippedImage, ...] = ()  # undecodable source images left out by the writer
     root: str = field(default="", compare=False)  # where it was read from; not stored
 
     @property
@@ -90,6 +104,9 @@ class Manifest:
                 "plan_digest": self.plan_digest,
                 "shard_size": self.shard_size,
                 "seed": self.seed,
+                "skipped": [
+                    {"split": s.split, "key": s.key, "reason": s.reason} for s in self.skipped
+                ],
             },
             indent=1,
         )
@@ -119,6 +136,10 @@ class Manifest:
                 shard_size=int(raw["shard_size"]),
                 seed=int(raw["seed"]),
                 format_version=version,
+                # Absent from manifests written before the writer verified images.
+                skipped=tuple(
+                    SkippedImage(s["split"], s["key"], s["reason"]) for s in raw.get("skipped", [])
+                ),
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise ShardFormatError(f"{where}: not a valid shard manifest ({error!r})") from None
@@ -176,21 +197,65 @@ def read_shard_footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
         return pq.ParquetFile(stream).metadata
 
 
-def shard_is_complete(
-    fs: pafs.FileSystem, path: str, *, plan_digest: str, index: int, rows: int
-) -> bool:
-    """True when `path` is a readable shard of the plan `plan_digest` with `rows` rows; anything
-    else (missing, truncated, stale, foreign) is False."""
+def read_shard_tables(
+    fs: pafs.FileSystem,
+    path: str,
+    *,
+    where: str,
+    retried_errors: Sequence[str] = (),
+    attempts: int = 3,
+) -> Iterator[pa.Table]:
+    """Yield the shard at `path` one row group at a time, each with a `path` column (= `path`).
+
+    A garbled data page (the footer may be intact) raises `ShardFormatError` naming `where`, the
+    shard's URI; a failure of the store itself stays an OSError for `storage_errors`. Errors whose
+    message holds one of `retried_errors` (transient S3 failures) reopen the file and go on from
+    the row group that failed, up to `attempts` times in all.
+    """
+    done = 0
+    for attempt in range(1, attempts + 1):
+        try:
+            with fs.open_input_file(path) as stream:
+                shard = pq.ParquetFile(stream, pre_buffer=True)
+                for group in range(done, shard.num_row_groups):
+                    table = shard.read_row_group(group)
+                    yield table.append_column("path", pa.repeat(path, table.num_rows))
+                    done += 1
+            return
+        except (OSError, pa.ArrowException) as error:
+            message = str(error)
+            if attempt < attempts and any(marker in message for marker in retried_errors):
+                continue
+            if isinstance(error, OSError) and is_store_failure(message):
+                raise
+            raise ShardFormatError(
+                f"shard {where} is corrupt: row group {done} cannot be read "
+                f"({type(error).__name__}: {message.strip()}); delete it and rerun "
+                "python -m raydsnas.data.shard with the same arguments to write it again"
+            ) from None
+
+
+def complete_shard_skips(
+    fs: pafs.FileSystem, path: str, *, plan_digest: str, index: int, planned_rows: int
+) -> list[tuple[str, str]] | None:
+    """The (key, reason) pairs a complete shard of the plan `plan_digest` left out, when `path`
+    is one (its rows plus those pairs make `planned_rows`); None for anything else (missing,
+    truncated, stale, foreign)."""
     try:
         footer = read_shard_footer(fs, path)
     except (OSError, pa.ArrowInvalid):
-        return False
+        return None
     metadata = footer.metadata or {}
-    return (
-        footer.num_rows == rows
+    try:
+        skipped = [(str(k), str(r)) for k, r in json.loads(metadata.get(SKIPPED_METADATA_KEY, b"[]"))]
+    except (ValueError, TypeError):
+        return None
+    complete = (
+        footer.num_rows + len(skipped) == planned_rows
         and metadata.get(PLAN_DIGEST_METADATA_KEY) == plan_digest.encode()
         and metadata.get(SHARD_INDEX_METADATA_KEY) == str(index).encode()
     )
+    return skipped if complete else None
 
 
 def verify_shards(fs: pafs.FileSystem, root: str, uri: str, manifest: Manifest, split: str) -> None:
@@ -202,9 +267,13 @@ def verify_shards(fs: pafs.FileSystem, root: str, uri: str, manifest: Manifest, 
         where = f"{uri}/{entry.path}"
         try:
             footer = read_shard_footer(fs, join_path(root, entry.path))
-        except OSError:
-            if fs.get_file_info(join_path(root, entry.path)).type != pafs.FileType.NotFound:
+        except OSError as error:
+            if is_store_failure(str(error)):
                 raise  # the store failed, not the shard: storage_errors() names the cause
+            if fs.get_file_info(join_path(root, entry.path)).type != pafs.FileType.NotFound:
+                raise ShardFormatError(
+                    f"shard {where} is not a readable Parquet file: {error}"
+                ) from None
             raise ShardFormatError(
                 f"shard {where} is listed in {MANIFEST_NAME} but missing; rerun the shard writer "
                 "to complete the set"

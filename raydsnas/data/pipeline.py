@@ -3,7 +3,6 @@ on CPU by Ray Data tasks; normalisation happens later, on the training device (`
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import math
@@ -15,6 +14,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -22,20 +22,28 @@ import ray.data
 import ray.util
 import torch
 from PIL import Image
-from ray.data import ExecutionOptions, ExecutionResources, FileShuffleConfig
+from ray.data import ExecutionOptions, ExecutionResources
+from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 
 from raydsnas.data.builtin import BUILTIN_PREFIX, BUILTIN_SETS, builtin_shard_set
-from raydsnas.data.errors import CorruptImageError, DataSpecError, LabelOutOfRangeError
+from raydsnas.data.errors import (
+    CorruptImageError,
+    DataSpecError,
+    LabelOutOfRangeError,
+    ShardFormatError,
+)
 from raydsnas.data.format import (
     FOOTER_CHECK_THREADS,
     Manifest,
     read_manifest,
+    read_shard_tables,
     verify_shards,
 )
 from raydsnas.data.selection import KeyFilter, selection_mask, stable_key_hash
 from raydsnas.data.storage import (
     is_local_uri,
+    is_store_failure,
     join_path,
     redact_storage_options,
     resolve_filesystem,
@@ -298,8 +306,8 @@ def decode_batch(
     """Decode, check and transform one batch of shard rows into `image` (uint8 NCHW) and `label`
     (int64). Raises `LabelOutOfRangeError` / `CorruptImageError` naming the shard and the key.
     With `key_filter`, rows it does not keep are dropped before they are decoded."""
-    # Ray Data counts executions of a dataset (one per epoch); its seeded file shuffle uses the
-    # same counter, so file order and augmentations change together, reproducibly.
+    # Ray Data counts executions of a dataset (one per epoch); the shard order of
+    # `ShardDatasource` uses the same counter, so file order and augmentations change together.
     epoch = DataContext.get_current()._execution_idx
     count = len(batch["key"])
     size = transform.size
@@ -438,8 +446,16 @@ def count_selection(
     of every training shard (a small column: ~1% of an image shard's bytes)."""
 
     def count(path: str) -> int:
-        with fs.open_input_file(join_path(root, path)) as stream:
-            keys = pq.ParquetFile(stream).read(columns=["key"]).column("key").to_pylist()
+        try:
+            with fs.open_input_file(join_path(root, path)) as stream:
+                keys = pq.ParquetFile(stream).read(columns=["key"]).column("key").to_pylist()
+        except (OSError, pa.ArrowException) as error:
+            if isinstance(error, OSError) and is_store_failure(str(error)):
+                raise  # storage_errors() names the store's failure
+            raise ShardFormatError(
+                f"shard {manifest.root}/{path} is corrupt: its key column cannot be read "
+                f"({type(error).__name__}: {str(error).strip()})"
+            ) from None
         return int(selection_mask(keys, fraction).sum())
 
     shards = [entry.path for entry in manifest.splits["train"].shards]
@@ -447,21 +463,60 @@ def count_selection(
         return sum(pool.map(count, shards))
 
 
-@contextlib.contextmanager
-def parquet_reader_v1() -> Iterator[None]:
-    """Plan `read_parquet` with Ray Data's V1 Parquet reader (`DataContext.use_datasource_v2`).
+class ShardDatasource(ray.data.Datasource):
+    """The shards of one split as a Ray Data source: one read task per shard, which yields its
+    row groups with a `path` column (`read_shard_tables`), so that a garbled data page fails as a
+    `ShardFormatError` naming the shard. With `shuffle_seed` the shard order is a permutation
+    drawn from (seed, execution index): a new order every epoch, the same one on a resume."""
 
-    Our manifest already lists every shard with its row count, and V1 reads the footers once,
-    here. The V2 reader lists and re-reads every footer through a pool of 32 actors at the start
-    of every execution, i.e. every epoch: seconds of dead time per epoch on a small node.
-    """
-    context = DataContext.get_current()
-    previous = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        context.use_datasource_v2 = previous
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        paths: list[str],
+        rows: list[int],
+        shard_uri_of: dict[str, str],
+        shuffle_seed: int | None,
+    ) -> None:
+        self._fs, self._paths, self._rows = fs, paths, rows
+        self._shard_uri_of, self._shuffle_seed = shard_uri_of, shuffle_seed
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_name(self) -> str:
+        return "ReadShards"
+
+    def get_read_tasks(
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: DataContext | None = None,
+    ) -> list[ray.data.ReadTask]:
+        order = list(range(len(self._paths)))
+        if self._shuffle_seed is not None:
+            # Ray Data counts executions of a dataset (one per epoch), see `decode_batch`.
+            epoch = data_context._execution_idx if data_context is not None else 0
+            order = np.random.default_rng([self._shuffle_seed, epoch]).permutation(order).tolist()
+        retried = tuple((data_context or DataContext.get_current()).retried_io_errors)
+        return [
+            ray.data.ReadTask(
+                partial(
+                    read_shard_tables,
+                    self._fs,
+                    self._paths[i],
+                    where=self._shard_uri_of[self._paths[i]],
+                    retried_errors=retried,
+                ),
+                BlockMetadata(
+                    num_rows=self._rows[i],
+                    size_bytes=None,
+                    exec_stats=None,
+                    input_files=(self._paths[i],),
+                ),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for i in order
+        ]
 
 
 def _split_dataset(
@@ -489,19 +544,19 @@ def _split_dataset(
         if driver_node_only and is_local_uri(uri)
         else None
     )
-    file_shuffle = FileShuffleConfig(seed=spec.seed, reseed_after_execution=True)
-    with parquet_reader_v1():
-        dataset = ray.data.read_parquet(
-            paths,
-            filesystem=fs,
-            include_paths=True,
-            shuffle=file_shuffle if training else None,
-            partitioning=None,  # "key=value" folders in a user's prefix are not columns
-            resources=read_on_this_node,
-            # One read task per shard, so Ray fuses read + decode into one task per shard:
-            # no hand-off between two operators competing for the same CPUs.
-            override_num_blocks=len(paths),
-        )
+    shard_uri_of = {path: f"{uri}/{rel}" for path, rel in zip(paths, relative, strict=True)}
+    source = ShardDatasource(
+        fs,
+        paths,
+        [entry.rows for entry in manifest.splits[split].shards],
+        shard_uri_of,
+        shuffle_seed=spec.seed if training else None,
+    )
+    # One read task per shard, so Ray fuses read + decode into one task per shard: no hand-off
+    # between two operators competing for the same CPUs.
+    dataset = ray.data.read_datasource(
+        source, override_num_blocks=len(paths), resources=read_on_this_node
+    )
     dataset.context.target_max_block_size = spec.target_block_bytes
     dataset = dataset.map_batches(
         partial(
@@ -510,7 +565,7 @@ def _split_dataset(
             training=training,
             num_classes=manifest.num_classes,
             seed=spec.seed,
-            shard_uri_of={path: f"{uri}/{rel}" for path, rel in zip(paths, relative, strict=True)},
+            shard_uri_of=shard_uri_of,
             skipped=skipped,
             keep_keys=spec.keep_keys,
             key_filter=key_filter,

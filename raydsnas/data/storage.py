@@ -54,6 +54,17 @@ SECRET_OPTION_KEYS = frozenset(
     {"secret_access_key", "session_token", "password", "token", "secret"}
 )
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
+# How pyarrow's and fsspec's OSErrors say that the store, not the file, failed.
+UNREACHABLE_MARKERS = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Connection refused")
+ACCESS_DENIED_MARKERS = (
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "response code 403",
+    "Forbidden",
+)
+STORE_FAILURE_MARKERS = (*UNREACHABLE_MARKERS, *ACCESS_DENIED_MARKERS, "AWS Error")
 
 
 def redact_storage_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -218,10 +229,10 @@ def _require_default_credentials(uri: str) -> None:
         ) from None
     if credentials is None:
         raise MissingCredentialsError(
+            # Only ways a job config accepts: it rejects credentials in storage options.
             f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or AWS_PROFILE, or an instance/container role), give storage_options "
-            "access_key_id/secret_access_key, or storage_options anonymous: true for a public "
-            "bucket"
+            "(or AWS_PROFILE) in the environment of every node, or use an instance/container "
+            "role; for a public bucket set storage_options anonymous: true"
         )
 
 
@@ -251,36 +262,24 @@ def storage_errors(uri: str, storage_options: Mapping[str, Any] | None = None) -
         )
         if endpoint:
             where = f"{uri} (endpoint {endpoint})"
-        if any(
-            marker in message
-            for marker in (
-                "NETWORK_CONNECTION",
-                "curlCode",
-                "Could not connect",
-                "Connection refused",
-            )
-        ):
+        if any(marker in message for marker in UNREACHABLE_MARKERS):
             raise EndpointUnreachableError(
                 f"cannot reach the object store for {where}: {message}. Check "
                 "storage_options.endpoint_url / AWS_ENDPOINT_URL and that the server is up."
             ) from None
-        if any(
-            marker in message
-            for marker in (
-                "ACCESS_DENIED",
-                "AccessDenied",
-                "InvalidAccessKeyId",
-                "SignatureDoesNotMatch",
-                "response code 403",
-                "Forbidden",
-            )
-        ):
+        if any(marker in message for marker in ACCESS_DENIED_MARKERS):
             raise AccessDeniedError(
                 f"access denied to {where}: {message}. Check the credentials "
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options) and the bucket "
                 "policy."
             ) from None
         raise StorageError(f"storage error on {where}: {message}") from error
+
+
+def is_store_failure(message: str) -> bool:
+    """True when an OSError's message says the object store failed (unreachable, refused, an
+    AWS error), as opposed to the file's content being unreadable."""
+    return any(marker in message for marker in STORE_FAILURE_MARKERS)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

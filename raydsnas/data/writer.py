@@ -17,7 +17,9 @@ same plan and writes only what is missing or stale, then writes the manifest las
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,17 +30,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 
-from raydsnas.data.errors import SourceFolderError
+from raydsnas.data.errors import CorruptImageError, SourceFolderError
 from raydsnas.data.format import (
     FORMAT_VERSION,
     PLAN_DIGEST_METADATA_KEY,
     SHARD_INDEX_METADATA_KEY,
     SHARD_SCHEMA,
+    SKIPPED_METADATA_KEY,
     Manifest,
     ShardEntry,
+    SkippedImage,
     SplitInfo,
-    shard_is_complete,
+    complete_shard_skips,
     write_manifest,
 )
 from raydsnas.data.storage import (
@@ -53,6 +58,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_SHARD_SIZE = 1000
 ROW_GROUP_SIZE = 128  # rows; bounds the memory of one read batch (~15 MB of ImageNet JPEGs)
 SOURCE_READ_THREADS = 16  # per shard task: reading many small objects is latency-bound
+# What PIL raises for a file that is not an image or is damaged (the pipeline's DECODE_ERRORS).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -151,12 +158,18 @@ def write_shards(
     storage_options: Mapping[str, Any] | None = None,
     src_storage_options: Mapping[str, Any] | None = None,
     use_ray: bool = True,
+    skip_corrupt: bool = False,
 ) -> WriteReport:
     """Turn the image folder `src` (and `val_src`) into a shard set at `dst`; see the module doc.
 
     `storage_options` apply to `dst`, `src_storage_options` to `src`/`val_src` (default: the same
     as `dst` when both are on S3, else none). `use_ray=False` writes in this process (small sets,
     e.g. the built-in ones); the rows written are the same.
+
+    Every image is decoded once by the task that reads it. An undecodable one raises
+    `CorruptImageError` naming each bad file (relative to its folder) after removing the shards
+    this run wrote, so no partial set is left; with `skip_corrupt` it is left out of its shard
+    and listed in the manifest's `skipped`, and the row counts are those of the images written.
     """
     if not isinstance(shard_size, int) or shard_size < 1:
         raise SourceFolderError(f"shard size {shard_size!r}: must be a positive integer")
@@ -168,6 +181,8 @@ def write_shards(
         raise SourceFolderError(f"validation fraction {val_fraction!r}: must be in [0, 1)")
     if src_storage_options is None and _same_kind(src, dst):
         src_storage_options = storage_options
+    # Before listing the source (long on a large folder): bad options or credentials fail now.
+    dst_fs, dst_root = resolve_filesystem(dst, storage_options)
 
     classes_to_keys = list_image_folder(src, src_storage_options)
     classes = tuple(classes_to_keys)
@@ -197,13 +212,13 @@ def write_shards(
         shard_size=shard_size,
         seed=seed,
     )
-    dst_fs, dst_root = resolve_filesystem(dst, storage_options)
     write_one = partial(
         _write_planned_shard,
         src_storage_options=dict(src_storage_options or {}),
         dst_fs=dst_fs,
         dst_root=dst_root,
         plan_digest=digest,
+        skip_corrupt=skip_corrupt,
     )
     with storage_errors(dst, storage_options):
         if use_ray:
@@ -211,12 +226,27 @@ def write_shards(
         else:
             results = [write_one(_plan_to_row(plan)) for plan in plans]
 
+    skipped = tuple(
+        sorted(
+            SkippedImage(str(r["split"]), str(key), str(reason))
+            for r in results
+            for key, reason in r["skipped"]
+        )
+    )
+    if skipped and not skip_corrupt:
+        with storage_errors(dst, storage_options):
+            _remove_written(dst_fs, dst_root, [str(r["path"]) for r in results if r["written"]])
+        raise CorruptImageError(_describe_corrupt(skipped, {"train": src, "val": val_src or src}))
+    rows_of = {str(r["path"]): int(r["rows"]) for r in results}
+    left_out = {(s.split, s.key) for s in skipped}
     manifest = Manifest(
         classes=classes,
         splits={
             split: SplitInfo(
-                shards=tuple(ShardEntry(p.path, len(p.files)) for p in plans if p.split == split),
-                class_counts=_class_counts(files, len(classes)),
+                shards=tuple(ShardEntry(p.path, rows_of[p.path]) for p in plans if p.split == split),
+                class_counts=_class_counts(
+                    [f for f in files if (split, f.key) not in left_out], len(classes)
+                ),
             )
             for split, files in (("train", train_files), ("val", val_files))
             if files
@@ -224,6 +254,7 @@ def write_shards(
         plan_digest=digest,
         shard_size=shard_size,
         seed=seed,
+        skipped=skipped,
     )
     with storage_errors(dst, storage_options):
         write_manifest(dst_fs, dst_root, manifest)
@@ -232,6 +263,47 @@ def write_shards(
         kept=tuple(sorted(r["path"] for r in results if not r["written"])),
         manifest=manifest,
     )
+
+
+def verify_image(data: bytes) -> str | None:
+    """None when `data` decodes as an image, else why not. PIL's open reads the header only
+    (a cheap check that rejects non-images), `load` then decodes every pixel (truncated files)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return "not an image: no JPEG/PNG (or other known) header"
+    except DECODE_ERRORS as error:
+        reason = f"{type(error).__name__}: {error}"
+        return reason if len(reason) <= 120 else reason[:117] + "..."
+    return None
+
+
+def _describe_corrupt(skipped: Sequence[SkippedImage], source_of: Mapping[str, str]) -> str:
+    parts = []
+    for source in dict.fromkeys(source_of[s.split] for s in skipped):
+        bad = [s for s in skipped if source_of[s.split] == source]
+        shown = ", ".join(f"{s.key} ({s.reason})" for s in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        parts.append(f"{len(bad)} image(s) under {source} cannot be decoded: {shown}{more}")
+    return (
+        "; ".join(parts)
+        + "; fix or remove them, or pass --skip-corrupt to leave them out (nothing was written)"
+    )
+
+
+def _remove_written(fs: pafs.FileSystem, root: str, relative_paths: Sequence[str]) -> None:
+    """Delete the shards a failed run wrote, then the folders it left empty (local paths)."""
+    for relative in relative_paths:
+        fs.delete_file(join_path(root, relative))
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    for folder in (*(join_path(root, split) for split in ("train", "val")), root):
+        info = fs.get_file_info(folder)
+        if info.type == pafs.FileType.Directory and not fs.get_file_info(
+            pafs.FileSelector(folder)
+        ):
+            fs.delete_dir(folder)
 
 
 def _same_kind(src: str, dst: str) -> bool:
@@ -271,7 +343,13 @@ def _plan_to_row(plan: ShardPlan) -> dict[str, Any]:
 
 
 def _run_on_ray(plans: list[ShardPlan], write_one) -> list[dict[str, Any]]:
+    import ray
     import ray.data
+
+    if not ray.is_initialized():
+        # As the pipeline does: the cluster RAY_ADDRESS names, else a new local Ray (not a stale
+        # `ray start` head's); its start-up chatter stays off the user's terminal.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level="WARNING")
 
     rows = [_plan_to_row(plan) for plan in plans]
     # One block per shard so that Ray runs (and retries) one task per shard.
@@ -286,24 +364,50 @@ def _write_planned_shard(
     dst_fs: pafs.FileSystem,
     dst_root: str,
     plan_digest: str,
+    skip_corrupt: bool,
 ) -> dict[str, Any]:
-    """Write one shard unless a complete shard of the same plan is already there."""
+    """Write one shard unless a complete shard of the same plan is already there. Each image is
+    checked as it is read (`verify_image`); an undecodable one is left out with `skip_corrupt`,
+    else the shard is not written. Returns the shard's path, whether it was written now, its
+    rows and the (key, reason) pairs it left out."""
     keys = [str(k) for k in row["keys"]]
     labels = [int(label) for label in row["labels"]]
     index = int(row["index"])
     relative = f"{row['split']}/part-{index:05d}.parquet"
     path = join_path(dst_root, relative)
-    if shard_is_complete(dst_fs, path, plan_digest=plan_digest, index=index, rows=len(keys)):
-        return {"path": relative, "written": False}
+    done = complete_shard_skips(
+        dst_fs, path, plan_digest=plan_digest, index=index, planned_rows=len(keys)
+    )
+    if done is not None:
+        result = {"path": relative, "split": row["split"], "written": False}
+        return {**result, "rows": len(keys) - len(done), "skipped": [list(p) for p in done]}
 
     src_fs, src_root = resolve_filesystem(str(row["source"]), src_storage_options)
+
+    def read_and_check(key: str) -> tuple[bytes, str | None]:
+        data = read_bytes(src_fs, join_path(src_root, key))
+        return data, verify_image(data)
+
     with ThreadPoolExecutor(SOURCE_READ_THREADS) as pool:
-        images = list(pool.map(lambda key: read_bytes(src_fs, join_path(src_root, key)), keys))
+        checked = list(pool.map(read_and_check, keys))
+    skipped = [[key, reason] for key, (_, reason) in zip(keys, checked) if reason is not None]
+    result = {"path": relative, "split": row["split"], "skipped": skipped}
+    if skipped and not skip_corrupt:
+        return {**result, "written": False, "rows": 0}
+    good = [i for i, (_, reason) in enumerate(checked) if reason is None]
     table = pa.table(
-        {"image": pa.array(images, pa.binary()), "label": labels, "key": keys},
+        {
+            "image": pa.array([checked[i][0] for i in good], pa.binary()),
+            "label": [labels[i] for i in good],
+            "key": [keys[i] for i in good],
+        },
         schema=SHARD_SCHEMA,
     ).replace_schema_metadata(
-        {PLAN_DIGEST_METADATA_KEY: plan_digest, SHARD_INDEX_METADATA_KEY: str(index)}
+        {
+            PLAN_DIGEST_METADATA_KEY: plan_digest,
+            SHARD_INDEX_METADATA_KEY: str(index),
+            SKIPPED_METADATA_KEY: json.dumps(skipped),
+        }
     )
     buffer = pa.BufferOutputStream()
     pq.write_table(
@@ -316,4 +420,4 @@ def _write_planned_shard(
         write_statistics=["label"],
     )
     write_bytes_atomic(dst_fs, path, buffer.getvalue().to_pybytes())
-    return {"path": relative, "written": True}
+    return {**result, "written": True, "rows": len(good)}

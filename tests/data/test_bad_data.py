@@ -3,6 +3,7 @@ for corrupt images with skip_corrupt, is skipped and counted) -- never a hang.""
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -26,11 +27,26 @@ from raydsnas.data import (
 
 
 def shard_set_with_corrupt_image(make_image_folder, tmp_path: Path) -> tuple[Path, str]:
+    """A shard set whose image bytes of one key are garbage in both splits, as in a set written
+    before the writer verified images (it now refuses such a file)."""
     src = make_image_folder(per_class=4)
-    (src / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     dst = tmp_path / "corrupt-set"
     write_shards(str(src), str(dst), shard_size=5, val_src=str(src), use_ray=False)
-    return dst, "dog/broken.jpg"
+    bad_key = "dog/img0.png"
+
+    def garble(table: pa.Table) -> tuple[pa.Table, bool]:
+        images = [
+            b"\xff\xd8\xff\xe0 this is not a JPEG" if key == bad_key else image
+            for image, key in zip(
+                table["image"].to_pylist(), table["key"].to_pylist(), strict=True
+            )
+        ]
+        return table.set_column(0, "image", pa.array(images, pa.binary())), True
+
+    for shard in sorted(dst.glob("*/part-*.parquet")):
+        if bad_key in pq.read_table(shard, columns=["key"])["key"].to_pylist():
+            rewrite_shard(shard, garble)
+    return dst, bad_key
 
 
 def test_undecodable_image_fails_naming_shard_and_key(ray_local, make_image_folder, tmp_path):
@@ -51,13 +67,13 @@ def test_undecodable_image_is_skipped_and_counted_when_asked(
     dst, bad_key = shard_set_with_corrupt_image(make_image_folder, tmp_path)
     data = build_datasets(DataSpec(uri=str(dst), image_size=16, skip_corrupt=True, keep_keys=True))
     keys = [str(row["key"]) for row in data.val.take_all()]
-    assert len(keys) == 12 and bad_key not in keys
+    assert len(keys) == 11 and bad_key not in keys
     assert data.skipped.count() == 1
     [(where, reason)] = data.skipped.reasons().items()
     assert where.endswith(f":{bad_key}") and "cannot decode the image" in reason
-    assert data.train.count() == 12
+    assert data.train.count() == 11
     assert data.skipped.count() == 2  # the train shard's copy of the file is a second image
-    assert data.train.count() == 12
+    assert data.train.count() == 11
     assert data.skipped.count() == 2  # a second epoch skips the same images: no new count
 
 
@@ -214,3 +230,50 @@ def test_writer_rejects_a_folder_without_images(tmp_path):
         write_shards(str(tmp_path / "empty"), str(tmp_path / "out"))
     with pytest.raises(SourceFolderError, match=rf"image folder {tmp_path}/absent does not exist"):
         write_shards(str(tmp_path / "absent"), str(tmp_path / "out"))
+
+
+def test_garbled_data_page_fails_naming_the_shard(ray_local, make_image_folder, tmp_path):
+    src = make_image_folder(per_class=4)
+    dst = tmp_path / "garbled"
+    write_shards(str(src), str(dst), shard_size=5, val_src=str(src), use_ray=False)
+    shard = dst / "val" / "part-00001.parquet"
+    # Overwrite the page header of the label column: mid-file, the footer stays intact.
+    footer = pq.ParquetFile(shard).metadata
+    label = footer.row_group(0).column(footer.schema.to_arrow_schema().get_field_index("label"))
+    offset = label.dictionary_page_offset or label.data_page_offset
+    data = bytearray(shard.read_bytes())
+    assert 0 < offset < len(data) - footer.serialized_size - 32
+    data[offset : offset + 24] = b"\x17" * 24
+    shard.write_bytes(bytes(data))
+
+    _, val, _ = build_datasets(DataSpec(uri=str(dst), image_size=16))  # the footer check passes
+    with pytest.raises(
+        ShardFormatError, match=rf"shard {dst}/val/part-00001.parquet is corrupt: row group 0"
+    ):
+        val.take_all()
+
+
+def test_missing_credentials_message_names_only_keys_the_config_accepts(
+    s3_server, monkeypatch, tmp_path
+):
+    from raydsnas.config import parse_config
+    from raydsnas.data.storage import S3_OPTION_KEYS
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(MissingCredentialsError) as failure:
+        build_datasets(DataSpec(uri="s3://bucket/set", storage_options=s3_server.storage_options))
+    message = str(failure.value)
+    named = [key for key in S3_OPTION_KEYS if re.search(rf"\b{key}\b", message)]
+    assert named == ["anonymous"]
+    for key in named:  # accepted in both places a job config takes storage options
+        config = parse_config(
+            {
+                "data": {"uri": "s3://bucket/set", "storage_options": {key: True}},
+                "storage": {"uri": "s3://bucket/runs", "options": {key: True}},
+            }
+        )
+        assert config.data.storage_options[key] is True and config.storage.options[key] is True
+    assert "AWS_ACCESS_KEY_ID" in message and "AWS_PROFILE" in message
