@@ -20,7 +20,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raydsnas.config import JobConfig
+from raydsnas.config import ConfigError, JobConfig
+from raydsnas.data.errors import DataError, EndpointUnreachableError, StorageError
 from raydsnas.data.pipeline import build_datasets, execution_options
 from raydsnas.data.storage import (
     is_local_uri,
@@ -37,6 +38,61 @@ from raydsnas.train.synthetic import SyntheticData
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's registry of checkpoints
 CHECKPOINT_DIR = re.compile(r"epoch_(\d{6})-[0-9a-f]{8}")
+
+
+# The store failing (not the input being bad): left to Ray Train's retries. Exact types:
+# their subclasses (access denied, missing credentials, ...) are input errors.
+TRANSIENT = (StorageError, EndpointUnreachableError)
+
+
+class WorkerInputError(DataError):
+    """Bad input (a `DataError`: a corrupt image, a malformed shard) met by a training worker.
+    Not retried: another attempt would meet it again."""
+
+
+class StopOnInputError(ray.train.UserCallback):
+    """Ends a run at the first `DataError` raised in a worker, instead of letting Ray Train's
+    failure policy retry it `max_failures` times: raising here (on the Train controller) is a
+    controller failure, which the policy does not retry. Other worker errors are left to it."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            found = input_error(error)
+            if found is not None:
+                raise WorkerInputError(f"worker {rank}: {found}")
+
+
+def _data_error_names(cls: type = DataError) -> set[str]:
+    names = {cls.__name__} if cls not in TRANSIENT else set()
+    return names | {n for sub in cls.__subclasses__() for n in _data_error_names(sub)}
+
+
+_DATA_ERROR_LINE = re.compile(r"^(?:raydsnas\.data\.errors\.)?(%s): (.+)$"
+                              % "|".join(sorted(_data_error_names())), re.MULTILINE)
+
+
+def input_error(error: BaseException | None, depth: int = 0) -> str | None:
+    """The message of the `DataError` in `error`'s chain (Ray wraps a worker's exception, and
+    a Ray Data task's exception, in its own), or None."""
+    if error is None or depth > 8:
+        return None
+    if isinstance(error, DataError) and type(error) not in TRANSIENT:
+        return str(error).strip().splitlines()[-1].split(": ", 1)[-1] or type(error).__name__
+    # Ray Data re-raises a task's exception as a UserCodeException without its cause; its
+    # text (a traceback) still ends in "raydsnas.data.errors.<Type>: <message>".
+    match = _DATA_ERROR_LINE.search(str(error))
+    if match:
+        return match.group(2).strip()
+    inner_errors = [getattr(error, "_base_exc", None), getattr(error, "cause", None),
+                    getattr(error, "controller_failure", None), error.__cause__,
+                    error.__context__]
+    inner_errors += list((getattr(error, "worker_failures", None) or {}).values())
+    for inner in inner_errors:
+        if inner is not None and inner is not error:
+            found = input_error(inner, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 @dataclass
@@ -122,6 +178,13 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
         num_classes = data.manifest.num_classes
         num_train = data.num_train
     job.space.build(num_classes)  # fails here, not in a worker, if the space cannot be built
+    if num_train < job.search.global_batch_size:  # the worker's own check, made here first
+        raise ConfigError(
+            f"search.global_batch_size = {job.search.global_batch_size} is not allowed for "
+            f"{job.data.uri}: its training split has {num_train} samples"
+            + (" (after the selection split)" if fraction else "")
+            + f", fewer than one global batch; lower search.global_batch_size to at most "
+            f"{num_train}")
 
     fs, root = resolve_filesystem(job.storage.uri, job.storage.options)
     if is_local_uri(job.storage.uri):
@@ -145,11 +208,19 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
             name=job.name,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.storage.keep_checkpoints),
-            callbacks=list(callbacks), **storage),
+            callbacks=[StopOnInputError(), *callbacks], **storage),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets),
                                             execution_options=execution_options(job.data)),
     )
+
+
+def remove_run(job: JobConfig) -> None:
+    """Delete the run's folder (only for a run this call started that never checkpointed)."""
+    fs, root = resolve_filesystem(run_uri(job), job.storage.options)
+    with storage_errors(run_uri(job), job.storage.options):
+        if fs.get_file_info(root).type == pafs.FileType.Directory:
+            fs.delete_dir(root)
 
 
 def run_search(job: JobConfig, *, resume_with_changes: bool = False) -> SearchOutcome:
@@ -170,6 +241,14 @@ def run_search(job: JobConfig, *, resume_with_changes: bool = False) -> SearchOu
     trainer = build_trainer(job, config_changes=state.pending["changes"] if state.pending
                             else state.changes)
     state.commit()  # the driver's checks passed: the run starts under this configuration
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:
+        found = input_error(err)
+        if found is None:
+            raise
+        if state.new and latest_checkpoint_epoch(job) == 0:
+            remove_run(job)  # it stopped before its first checkpoint: leave storage as it was
+        raise WorkerInputError(found.removeprefix("WorkerInputError: ")) from None
     record = read_record(subnet_uri, job.storage.options)
     return SearchOutcome(uri, subnet_uri, record, time.perf_counter() - t0, notes=state.notes)
