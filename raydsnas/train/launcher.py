@@ -30,6 +30,7 @@ from raydsnas.data.storage import (
     storage_errors,
 )
 from raydsnas.export import read_record
+from raydsnas.local_ray import start_local_ray
 from raydsnas.train.loop import STATE_FILE, train_func
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
 from raydsnas.train.synthetic import SyntheticData
@@ -65,9 +66,11 @@ def connect_ray() -> None:
         # A new Ray on this machine. `address="local"`: without it, ray.init() joins the cluster
         # that /tmp/ray/ray_current_cluster names, which may be a `ray start` head that is
         # long gone (the driver then waits for it forever). One machine: keep gloo on loopback
-        # (hosts with several interfaces pick badly).
-        ray.init(address="local", logging_level="WARNING",
-                 runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
+        # (hosts with several interfaces pick badly). No node of it can be drained, so Ray
+        # Train's preemption watcher has nothing to watch; all it does here is log an error
+        # line about its own restart policy on every run.
+        start_local_ray(logging_level="WARNING", runtime_env={"env_vars": {
+            "GLOO_SOCKET_IFNAME": "lo", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
 
 
 def latest_checkpoint_epoch(job: JobConfig) -> int:
