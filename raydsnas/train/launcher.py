@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,12 +149,36 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer
     )
 
 
+def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, with Ctrl-C left to the caller as a KeyboardInterrupt.
+
+    Called in the main thread, Ray Train 2.60's fit installs its own SIGINT handler, which
+    aborts the run and then exits the process by itself (status 1, no message, before anything
+    is cleaned up); in any other thread it installs none (as under Tune). So fit runs in a
+    helper thread and the main thread waits for it."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    # A daemon: after a KeyboardInterrupt it is left blocked on the run that Ray's shutdown ends.
+    thread = threading.Thread(target=fit, name="raydsnas-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def run_search(job: JobConfig) -> SearchOutcome:
     """Run (or resume) a search job to the end and return where its child network went."""
     t0 = time.perf_counter()
     connect_ray()
     trainer = build_trainer(job)
-    trainer.fit()
+    fit_interruptibly(trainer)
     subnet_uri = f"{run_uri(job)}/subnet"
     record = read_record(subnet_uri, job.storage.options)
     return SearchOutcome(run_uri(job), subnet_uri, record, time.perf_counter() - t0)
