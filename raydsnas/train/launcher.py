@@ -32,7 +32,7 @@ from raydsnas.data.storage import (
 )
 from raydsnas.export import read_record
 from raydsnas.local_ray import start_local_ray
-from raydsnas.train.loop import STATE_FILE, train_func
+from raydsnas.train.loop import train_func
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
 from raydsnas.train.synthetic import SyntheticData
 
@@ -77,25 +77,19 @@ def connect_ray() -> None:
 def latest_checkpoint_epoch(job: JobConfig) -> int:
     """The epoch of the checkpoint Ray Train will resume from (0 if none).
 
-    That is the latest *registered* checkpoint, from Ray Train's snapshot file; a folder that
-    was uploaded but never registered (the run died first) does not count. Without a snapshot
-    (another Ray version's layout) fall back to the newest complete folder.
+    That is the latest *registered* checkpoint, from Ray Train's snapshot file. A folder that
+    was written but never registered (the run stopped first) does not count, and without a
+    snapshot Ray Train 2.60 starts from scratch however many folders there are
+    (`CheckpointManager._maybe_load_state_from_storage`).
     """
     fs, root = resolve_filesystem(run_uri(job), job.storage.options)
     with storage_errors(run_uri(job), job.storage.options):
         snapshot = join_path(root, SNAPSHOT_FILE)
-        if fs.get_file_info(snapshot).type == pafs.FileType.File:
-            latest = json.loads(read_bytes(fs, snapshot)).get("latest_checkpoint_result") or {}
-            match = CHECKPOINT_DIR.fullmatch(latest.get("checkpoint_dir_name", ""))
-            return int(match.group(1)) if match else 0
-        epochs = []
-        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-            match = CHECKPOINT_DIR.fullmatch(info.base_name)
-            if match and info.type == pafs.FileType.Directory:
-                state = fs.get_file_info(join_path(info.path, STATE_FILE))
-                if state.type == pafs.FileType.File:
-                    epochs.append(int(match.group(1)))
-    return max(epochs, default=0)
+        if fs.get_file_info(snapshot).type != pafs.FileType.File:
+            return 0
+        latest = json.loads(read_bytes(fs, snapshot)).get("latest_checkpoint_result") or {}
+    match = CHECKPOINT_DIR.fullmatch(latest.get("checkpoint_dir_name", ""))
+    return int(match.group(1)) if match else 0
 
 
 def build_trainer(job: JobConfig, callbacks: Sequence[Any] = ()) -> TorchTrainer:
