@@ -147,9 +147,9 @@ def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
     """`trainer.fit()`, with Ctrl-C left to the caller as a KeyboardInterrupt.
 
     Called in the main thread, Ray Train 2.60's fit installs its own SIGINT handler, which
-    aborts the run and then exits the process by itself (status 1, no message, before anything
-    is cleaned up); in any other thread it installs none (as under Tune). So fit runs in a
-    helper thread and the main thread waits for it."""
+    aborts the run and then exits the process by itself (status 1, no message); in any other
+    thread it installs none (as under Tune). So fit runs in a helper thread and the main
+    thread waits for it."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
