@@ -41,7 +41,10 @@ def test_ray_job_submit_succeeds_on_a_head_started_after_a_local_run(tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats"],
+         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats",
+         # Not the default 52365: another Ray on the machine may hold it (then the head has no
+         # job agent, and every submit answers "No available agent").
+         f"--dashboard-agent-listen-port={free_port()}"],
         env=env, cwd=home, start_new_session=True, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:
