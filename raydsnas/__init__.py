@@ -7,7 +7,8 @@ Public API:
 - `save_child`, `load_child`: the deployable artifact (arch.json + safetensors + torch.export).
 
 Names are imported on first use, so `from raydsnas import load_child` (serving) imports the
-artifact reader and the child network only: no supernet, no search strategy, no Ray.
+artifact reader and the child network only: no supernet, no search strategy, no Ray; and
+`python -m raydsnas.export` does not import `raydsnas.export` twice (runpy would warn).
 """
 
 from importlib import import_module

@@ -6,7 +6,8 @@ RAY_ADDRESS set) it runs on that cluster. Running the same job again resumes it.
 `--dry-run` starts nothing: it prints the resolved config and a preflight (data set size, the
 resources it will ask for, supernet size, the space's FLOPs range, estimated peak memory per
 worker) and fails on a job that cannot fit (`--cluster` checks against a cluster file).
-Exit codes: 0 done, 2 bad configuration or input (nothing written), 1 the run failed.
+Exit codes: 0 done, 2 bad configuration or input (nothing written), 1 the run failed,
+130 interrupted (Ctrl-C; the local Ray it started is stopped, a rerun resumes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import yaml
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         outcome = run_search(job, resume_with_changes=args.resume_with_changes)
+    except KeyboardInterrupt:
+        return interrupted(job)
     except RunConflictError as err:
         print(f"raydsnas: configuration error: {err}", file=sys.stderr)
         return 2
@@ -94,6 +98,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{outcome.record['params'] / 1e6:.3f}M params")
     print(f"  load it with:  raydsnas.load_child({outcome.subnet_uri!r})")
     return 0
+
+
+def interrupted(job) -> int:
+    """Ctrl-C: end this driver's Ray (the local instance it started stops with it; a cluster it
+    joined only loses this driver and its run), say where a rerun resumes, exit 130."""
+    import ray
+
+    from raydsnas.train.launcher import latest_checkpoint_epoch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+    ray.shutdown()  # first: no checkpoint is registered after the epoch read below
+    try:
+        epoch = latest_checkpoint_epoch(job)
+    except DataError:  # storage unreachable: the rerun still resumes, from wherever it can
+        epoch = None
+    where = ("from its last checkpoint" if epoch is None else
+             f"from epoch {epoch}" if epoch else "from the start")
+    print(f"raydsnas: interrupted: rerun the same command to resume {where}", file=sys.stderr)
+    return 130
 
 
 def dry_run(job, cluster: str | None, gpu_memory_gib: float | None) -> int:

@@ -55,7 +55,10 @@ def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats"],
+         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats",
+         # Not the default 52365: another Ray on the machine may hold it (then the head has no
+         # job agent, and every submit answers "No available agent").
+         f"--dashboard-agent-listen-port={free_port()}"],
         env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:

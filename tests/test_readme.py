@@ -39,6 +39,7 @@ COVERAGE = {
         "tests/test_clusters.py::test_kuberay_manifest_passes_ray_autoscaler"],
     r"ray job submit --address http://127\.0\.0\.1:8265 --working-dir \. (--runtime-env-json .* )?-- python -m raydsnas\.search --config jobs/\S+\.yaml": [
         "tests/test_job_submit.py::test_ray_job_submit_runs_the_local_job_on_a_real_head",
+        "tests/test_newcomer_cluster.py::test_ray_job_submit_succeeds_on_a_head_started_after_a_local_run",
         "tests/test_preflight.py::test_every_job_passes_its_preflight"],
     r"python -m raydsnas\.tune --config jobs/local-sweep\.yaml": [
         "tests/test_tune.py::test_asha_stops_trials_early_and_the_following_trials_still_run"],

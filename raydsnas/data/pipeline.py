@@ -49,6 +49,7 @@ from raydsnas.data.storage import (
     resolve_filesystem,
     storage_errors,
 )
+from raydsnas.local_ray import start_local_ray
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -404,7 +405,10 @@ def build_datasets(
     if not ray.is_initialized():
         # What Ray Data would do on first use (the node address below needs it now): the
         # cluster RAY_ADDRESS names, else a new local one (not a stale `ray start` head's).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"])
+        else:
+            start_local_ray()
     skipped = SkippedImages() if spec.skip_corrupt else None
     split_dataset = partial(
         _split_dataset,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from raydsnas.data.storage import (
     storage_errors,
 )
 from raydsnas.export import read_record
-from raydsnas.train.loop import STATE_FILE, train_func
+from raydsnas.local_ray import start_local_ray
+from raydsnas.train.loop import train_func
 from raydsnas.train.provenance import reconcile
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
 from raydsnas.train.synthetic import SyntheticData
@@ -124,33 +126,29 @@ def connect_ray() -> None:
         # A new Ray on this machine. `address="local"`: without it, ray.init() joins the cluster
         # that /tmp/ray/ray_current_cluster names, which may be a `ray start` head that is
         # long gone (the driver then waits for it forever). One machine: keep gloo on loopback
-        # (hosts with several interfaces pick badly).
-        ray.init(address="local", logging_level="WARNING",
-                 runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
+        # (hosts with several interfaces pick badly). No node of it can be drained, so Ray
+        # Train's preemption watcher has nothing to watch; all it does here is log an error
+        # line about its own restart policy on every run.
+        start_local_ray(logging_level="WARNING", runtime_env={"env_vars": {
+            "GLOO_SOCKET_IFNAME": "lo", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
 
 
 def latest_checkpoint_epoch(job: JobConfig) -> int:
     """The epoch of the checkpoint Ray Train will resume from (0 if none).
 
-    That is the latest *registered* checkpoint, from Ray Train's snapshot file; a folder that
-    was uploaded but never registered (the run died first) does not count. Without a snapshot
-    (another Ray version's layout) fall back to the newest complete folder.
+    That is the latest *registered* checkpoint, from Ray Train's snapshot file. A folder that
+    was written but never registered (the run stopped first) does not count, and without a
+    snapshot Ray Train 2.60 starts from scratch however many folders there are
+    (`CheckpointManager._maybe_load_state_from_storage`).
     """
     fs, root = resolve_filesystem(run_uri(job), job.storage.options)
     with storage_errors(run_uri(job), job.storage.options):
         snapshot = join_path(root, SNAPSHOT_FILE)
-        if fs.get_file_info(snapshot).type == pafs.FileType.File:
-            latest = json.loads(read_bytes(fs, snapshot)).get("latest_checkpoint_result") or {}
-            match = CHECKPOINT_DIR.fullmatch(latest.get("checkpoint_dir_name", ""))
-            return int(match.group(1)) if match else 0
-        epochs = []
-        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-            match = CHECKPOINT_DIR.fullmatch(info.base_name)
-            if match and info.type == pafs.FileType.Directory:
-                state = fs.get_file_info(join_path(info.path, STATE_FILE))
-                if state.type == pafs.FileType.File:
-                    epochs.append(int(match.group(1)))
-    return max(epochs, default=0)
+        if fs.get_file_info(snapshot).type != pafs.FileType.File:
+            return 0
+        latest = json.loads(read_bytes(fs, snapshot)).get("latest_checkpoint_result") or {}
+    match = CHECKPOINT_DIR.fullmatch(latest.get("checkpoint_dir_name", ""))
+    return int(match.group(1)) if match else 0
 
 
 def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
@@ -215,6 +213,30 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
     )
 
 
+def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, with Ctrl-C left to the caller as a KeyboardInterrupt.
+
+    Called in the main thread, Ray Train 2.60's fit installs its own SIGINT handler, which
+    aborts the run and then exits the process by itself (status 1, no message); in any other
+    thread it installs none (as under Tune). So fit runs in a helper thread and the main
+    thread waits for it."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    # A daemon: after a KeyboardInterrupt it is left blocked on the run that Ray's shutdown ends.
+    thread = threading.Thread(target=fit, name="raydsnas-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def remove_run(job: JobConfig) -> None:
     """Delete the run's folder (only for a run this call started that never checkpointed)."""
     fs, root = resolve_filesystem(run_uri(job), job.storage.options)
@@ -242,7 +264,7 @@ def run_search(job: JobConfig, *, resume_with_changes: bool = False) -> SearchOu
                             else state.changes)
     state.commit()  # the driver's checks passed: the run starts under this configuration
     try:
-        trainer.fit()
+        fit_interruptibly(trainer)
     except Exception as err:
         found = input_error(err)
         if found is None:

@@ -1,0 +1,79 @@
+"""A newcomer's order of things: a local run first (`python -m raydsnas.search`), then the
+README's one-machine cluster (`ray start --head`) and its `ray job submit` command. Unlike
+tests/test_job_submit.py, the home directory is not empty when the head starts: it holds
+whatever the local run left there (a local Ray that left `~/.ray/auth_token` made the next
+`ray start` turn token auth on, and the README's submit then failed with AuthenticationError).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from tests.test_job_submit import BIN, ROOT, free_port, wait_for_dashboard
+
+
+@pytest.mark.slow
+def test_ray_job_submit_succeeds_on_a_head_started_after_a_local_run(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+               GLOO_SOCKET_IFNAME="lo", RAYDSNAS_CACHE=str(tmp_path / "cache"))
+    short = ["--set", "search.epochs=1", "--set", "search.max_steps_per_epoch=2",
+             "--set", "search.bn_recalibration_batches=1"]
+
+    local = subprocess.run(
+        [sys.executable, "-m", "raydsnas.search", "--config", str(ROOT / "jobs" / "local.yaml"),
+         "--set", "name=first-run", *short],
+        cwd=home, env=env, check=False, capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert (home / "runs" / "first-run" / "subnet" / "arch.json").exists()
+    assert not (home / ".ray" / "auth_token").exists()
+
+    dashboard = f"http://127.0.0.1:{free_port()}"
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats",
+         # Not the default 52365: another Ray on the machine may hold it (then the head has no
+         # job agent, and every submit answers "No available agent").
+         f"--dashboard-agent-listen-port={free_port()}"],
+        env=env, cwd=home, start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_dashboard(dashboard, head)
+        submission = f"raydsnas-test-{uuid.uuid4().hex[:8]}"
+        # The README's command, plus a submission id, the cache and a shorter run.
+        runtime_env = {"env_vars": {"RAYDSNAS_CACHE": str(tmp_path / "cache")}}
+        for _ in range(6):
+            submit = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir",
+                 ".", "--submission-id", submission, "--runtime-env-json",
+                 json.dumps(runtime_env), "--",
+                 "python", "-m", "raydsnas.search", "--config", "jobs/local.yaml", *short],
+                cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
+            # The dashboard answers before the head's job agent has registered (seen on a
+            # loaded machine): Ray says so and asks to try again later.
+            if "No available agent to submit job" not in submit.stderr:
+                break
+            time.sleep(10)
+        assert "AuthenticationError" not in submit.stderr, submit.stderr[-3000:]
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+        with urllib.request.urlopen(f"{dashboard}/api/jobs/{submission}", timeout=10) as r:
+            assert json.loads(r.read())["status"] == "SUCCEEDED"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+    record = json.loads((home / "runs" / "dsnas-digits" / "subnet" / "arch.json").read_text())
+    assert record["meta"]["steps"] == 2
