@@ -123,10 +123,15 @@ class Preflight:
     device_memory_gib: float | None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    data_error: str | None = None  # the data set could not be read (the rest is still checked)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+# The class count a dry run assumes for `num_classes: auto` when the data cannot be read.
+DEFAULT_CLASSES = {"imagenet": 1000, "cifar": 10, "custom": 1000}
 
 
 # -- capacities ----------------------------------------------------------------------------------
@@ -295,8 +300,19 @@ def dataset_facts(job: JobConfig) -> tuple[int, int, int]:
 # -- the preflight -------------------------------------------------------------------------------
 def preflight(job: JobConfig, capacity: Capacity, *,
               gpu_memory_gib: float | None = None) -> Preflight:
-    """Everything the dry run prints, with the problems that would stop the job."""
-    num_classes, num_train, num_val = dataset_facts(job)
+    """Everything the dry run prints, with the problems that would stop the job. A data set
+    that cannot be read (no bucket, no credentials, ...) is a problem, but every check that
+    does not need it still runs (with the space's class count, or the preset's default)."""
+    from raydsnas.data.errors import DataError
+
+    data_error = None
+    try:
+        num_classes, num_train, num_val = dataset_facts(job)
+    except DataError as err:
+        data_error = str(err)
+        num_train = num_val = 0
+        num_classes = job.space.num_classes if job.space.num_classes != "auto" else \
+            DEFAULT_CLASSES[job.space.preset]
     space = job.space.build(num_classes)
     scaling, search = job.scaling, job.search
     counts = scaling.num_workers if isinstance(scaling.num_workers, tuple) else \
@@ -325,8 +341,11 @@ def preflight(job: JobConfig, capacity: Capacity, *,
                  if n.gpu_memory_gib and n.resources.get("GPU", 0) > 0}
         gpu_memory_gib = min(known) if known else None
     result = Preflight(job, capacity, num_classes, num_train, num_val, counts, per_worker, steps,
-                       memory.weights // 4, flops, params, memory, gpu_memory_gib)
+                       memory.weights // 4, flops, params, memory, gpu_memory_gib,
+                       data_error=data_error)
     _check_fit(result)
+    if data_error:
+        result.problems.insert(0, f"data.uri: {data_error}")
     return result
 
 
@@ -349,7 +368,7 @@ def _check_fit(pf: Preflight) -> None:
         warn(f"at {odd} workers the global batch {search.global_batch_size} does not divide: "
              f"each worker takes {search.global_batch_size} // W samples and the learning rate "
              "is scaled to the smaller batch")
-    if pf.num_train < search.global_batch_size:
+    if pf.data_error is None and pf.num_train < search.global_batch_size:
         problem(f"the training split has {pf.num_train} samples, fewer than one global batch "
                 f"(search.global_batch_size = {search.global_batch_size})")
 
@@ -417,9 +436,15 @@ def render(pf: Preflight) -> str:
     m = pf.memory
     device = (f"{pf.device_memory_gib:g} GiB GPU" if pf.device_memory_gib
               else "GPU memory unknown") if job.scaling.use_gpu else "CPU"
+    if pf.data_error:
+        data = (f"data set:          {job.data.uri}: cannot be read (below); the checks that "
+                f"follow assume {pf.num_classes} classes")
+    else:
+        data = (f"data set:          {job.data.uri}: {pf.num_train} train / {pf.num_val} val "
+                f"samples, {pf.num_classes} classes; {pf.steps_per_epoch} steps/epoch x "
+                f"{job.search.epochs} epochs")
     lines = [
-        f"data set:          {job.data.uri}: {pf.num_train} train / {pf.num_val} val samples, "
-        f"{pf.num_classes} classes; {pf.steps_per_epoch} steps/epoch x {job.search.epochs} epochs",
+        data,
         f"workers:           {workers}, each {per_worker} (at most {totals} in all)",
         f"capacity:          {pf.capacity.source}",
         f"batch:             global {batch}, per worker {batch // high}..{batch // low}",

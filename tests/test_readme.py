@@ -30,7 +30,10 @@ COVERAGE = {
         "tests/data/test_shards.py::test_cli_writes_a_shard_set",
         "tests/data/test_shards.py::test_s3_round_trip_gives_original_pixels_and_labels"],
     r"python -m raydsnas\.search --config jobs/imagenet\.yaml --dry-run --cluster clusters/aws\.yaml": [
-        "tests/test_readme.py::test_readme_dry_run_on_s3_shards"],
+        "tests/test_readme.py::test_readme_dry_run_on_s3_shards",
+        "tests/test_readme.py::test_readme_dry_run_without_the_bucket_still_checks_the_rest"],
+    r"python -m raydsnas\.search --config jobs/local\.yaml --dry-run": [
+        "tests/test_readme.py::test_readme_local_dry_run"],
     r"ray up clusters/aws\.yaml|ray dashboard clusters/aws\.yaml": [
         "tests/test_clusters.py::test_launcher_yaml_passes_ray_schema"],
     r"docker build -f clusters/Dockerfile .*": [
@@ -133,7 +136,7 @@ def test_readme_dry_run_on_s3_shards(s3_server, tmp_path):
     """The README's dry run, word for word, against `s3://my-bucket/imagenet-shards` on the
     loopback S3 server (holding the digits' shards), reached through AWS_ENDPOINT_URL as a user
     would reach MinIO."""
-    (command,) = [c for c in readme_commands() if "--dry-run" in c]
+    (command,) = [c for c in readme_commands() if "--dry-run --cluster" in c]
     fs = s3_server.filesystem()
     ensure_bucket(fs, "my-bucket")
     local = builtin_shard_set("digits")
@@ -152,6 +155,37 @@ def test_readme_dry_run_on_s3_shards(s3_server, tmp_path):
     # The README quotes the run's figures: the same lines (for 1000 classes) come out here.
     readme_lines = [line for line in README.splitlines() if line.startswith("batch:  ")]
     assert readme_lines and readme_lines[0] in out.stdout
+
+
+def test_readme_dry_run_without_the_bucket_still_checks_the_rest(s3_server):
+    """The README's ImageNet dry run where its bucket does not exist (a reader without the
+    data): every check that needs no data is still printed, then the data error; exit 2."""
+    (command,) = [c for c in readme_commands() if "--dry-run --cluster" in c]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run([*command.split(), "--set", "data.uri=s3://no-such-bucket-raydsnas/x"],
+                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "s3://no-such-bucket-raydsnas/x: cannot be read (below); the checks that follow " \
+        "assume 1000 classes" in out.stdout
+    for line in ("workers:           8, each 8 CPU, 1 GPU", "memory/worker:",
+                 "child networks:", "PROBLEM:           data.uri: ", "preflight: FAILED"):
+        assert line in out.stdout, out.stdout
+    assert "no-such-bucket-raydsnas" in out.stdout.split("PROBLEM:")[1]
+    assert "Traceback" not in out.stderr
+
+
+def test_readme_local_dry_run():
+    (command,) = [c for c in readme_commands() if c.endswith("jobs/local.yaml --dry-run")]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(command.split(), check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "builtin:digits: 1500 train / 297 val samples, 10 classes" in out.stdout
+    assert "preflight: OK" in out.stdout
 
 
 @pytest.mark.slow
