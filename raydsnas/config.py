@@ -143,8 +143,11 @@ class ScalingSection:
         cpus_per_worker: CPUs reserved per worker (also its torch threads on CPU). Leave CPUs
             free on each node for Ray Data's read and decode tasks.
         gpus_per_worker: GPUs per worker when `use_gpu` (1 for data parallelism).
-        max_failures: worker-group restarts (from the last checkpoint) before the run fails;
-            covers spot reclaims and crashed workers.
+        max_failures: worker-group restarts (from the last checkpoint) before the run fails,
+            for crashed workers and lost nodes. Bad input in a worker (a corrupt image, a
+            malformed shard) is not retried: the run stops with exit 2.
+        max_preemption_failures: restarts after announced preemptions (a spot reclaim or node
+            drain that Ray was told of), counted apart from `max_failures`; -1: unlimited.
         sync_bn: BatchNorm statistics over the global batch (all workers) instead of each
             worker's slice; needs `search.sampling: shared`.
         elastic_resize_interval_s: how often an elastic run checks whether it could grow.
@@ -155,6 +158,7 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 3
+    max_preemption_failures: int = -1
     sync_bn: bool = False
     elastic_resize_interval_s: float = 60.0
 
@@ -331,6 +335,7 @@ def parse_config(raw: Mapping[str, Any]) -> JobConfig:
         raise ConfigError("scaling.sync_bn = true is not allowed with search.sampling = "
                           "'per_rank': ranks run different blocks, so their BatchNorm "
                           "all-reduces would not match; use sampling 'shared' or sync_bn false")
+    _check_s3_options("data.storage_options", data.uri, data.storage_options)
     secret = sorted(k for k in data.storage_options if k in SECRET_KEYS)
     if secret:
         raise ConfigError(f"data.storage_options {secret} are credentials: they never go in a "
@@ -460,6 +465,7 @@ def _parse_scaling(raw: dict) -> ScalingSection:
     _check_types("scaling", ScalingSection, rest)
     section = ScalingSection(**raw)
     _check_range("scaling.max_failures", section.max_failures, 0)
+    _check_range("scaling.max_preemption_failures", section.max_preemption_failures, -1)
     _check_range("scaling.cpus_per_worker", section.cpus_per_worker, 0)
     _check_range("scaling.gpus_per_worker", section.gpus_per_worker, 0)
     if section.elastic_resize_interval_s <= 0:
@@ -479,6 +485,7 @@ def _parse_storage(raw: Mapping[str, Any]) -> StorageSection:
                           "file. Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment "
                           "or use the cloud role")
     section = StorageSection(**{**raw, "options": options})
+    _check_s3_options("storage.options", section.uri, options)
     if not section.uri.strip():
         raise ConfigError("storage.uri = '' is not allowed; expected a folder or s3://bucket/prefix")
     _check_range("storage.keep_checkpoints", section.keep_checkpoints, 1)
@@ -486,6 +493,20 @@ def _parse_storage(raw: Mapping[str, Any]) -> StorageSection:
 
 
 # -- checks ---------------------------------------------------------------------------------------
+def _check_s3_options(key: str, uri: str, options: Mapping[str, Any]) -> None:
+    """Unknown object-store options fail here, before Ray starts (credentials are refused
+    separately, with where they go instead)."""
+    from raydsnas.data.storage import S3_OPTION_KEYS
+
+    if not uri.startswith("s3://"):
+        return
+    unknown = sorted(set(options) - set(S3_OPTION_KEYS) - set(SECRET_KEYS))
+    if unknown:
+        allowed = [k for k in S3_OPTION_KEYS if k not in SECRET_KEYS
+                   and k not in ("access_key_id", "secret_access_key")]
+        raise ConfigError(f"{key}: unknown key(s) {unknown} for {uri}; allowed: {allowed}")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

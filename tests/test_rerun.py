@@ -139,3 +139,28 @@ def test_rerun_of_a_finished_run_through_the_command_line(tmp_path):
     assert child.meta["config"]["search"]["epochs"] == 2 and child.meta["epochs"] == 2
     assert child.meta["config_changes"] == [
         {"key": "search.epochs", "old": 1, "new": 2, "from_epoch": 1}]
+
+
+def test_unregistered_checkpoint_folders_are_removed_on_rerun(tmp_path):
+    """A folder written but never named in Ray Train's snapshot (the run was interrupted in
+    between) is neither resumed from nor rotated by Ray Train: the rerun deletes it, and
+    keeps the registered ones and everything else."""
+    from raydsnas.train.launcher import SNAPSHOT_FILE, remove_unregistered_checkpoints
+
+    job = job_of(tmp_path)
+    run = tmp_path / "run"
+    names = ["epoch_000001-0000000a", "epoch_000002-0000000a", "epoch_000003-0000000b"]
+    for name in names:
+        (run / name).mkdir(parents=True)
+        (run / name / "state.pt").write_bytes(b"x")
+    (run / "events").mkdir()
+    registered = [{"checkpoint_dir_name": n, "metrics": {}} for n in names[:2]]
+    (run / SNAPSHOT_FILE).write_text(json.dumps({
+        "checkpoint_results": registered, "latest_checkpoint_result": registered[-1],
+        "pending_training_results": []}))
+    assert remove_unregistered_checkpoints(job) == [names[2]]
+    assert sorted(p.name for p in run.iterdir()) == sorted([*names[:2], "events", SNAPSHOT_FILE])
+    assert remove_unregistered_checkpoints(job) == []
+    (run / SNAPSHOT_FILE).unlink()  # no snapshot: Ray Train starts afresh, nothing is touched
+    (run / names[2]).mkdir()
+    assert remove_unregistered_checkpoints(job) == []

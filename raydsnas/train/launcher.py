@@ -204,7 +204,9 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
             elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s),
         run_config=ray.train.RunConfig(
             name=job.name,
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=scaling.max_failures,
+                max_preemption_failures=scaling.max_preemption_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.storage.keep_checkpoints),
             callbacks=[StopOnInputError(), *callbacks], **storage),
         datasets=datasets,
@@ -237,6 +239,31 @@ def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
     return outcome["result"]
 
 
+def remove_unregistered_checkpoints(job: JobConfig) -> list[str]:
+    """Delete checkpoint folders that Ray Train never registered (written, then the run was
+    interrupted before its snapshot named them): Ray Train neither resumes from nor rotates
+    them, so each interrupt would leave one more than `storage.keep_checkpoints`. Only with a
+    snapshot (without one Ray Train starts from scratch and we leave the folders alone).
+    Returns the names removed."""
+    uri = run_uri(job)
+    fs, root = resolve_filesystem(uri, job.storage.options)
+    removed = []
+    with storage_errors(uri, job.storage.options):
+        snapshot = join_path(root, SNAPSHOT_FILE)
+        if fs.get_file_info(snapshot).type != pafs.FileType.File:
+            return removed
+        state = json.loads(read_bytes(fs, snapshot))
+        results = [*state.get("checkpoint_results", []), state.get("latest_checkpoint_result"),
+                   *state.get("pending_training_results", [])]
+        registered = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)}
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            if (info.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(info.base_name)
+                    and info.base_name not in registered):
+                fs.delete_dir(info.path)
+                removed.append(info.base_name)
+    return sorted(removed)
+
+
 def remove_run(job: JobConfig) -> None:
     """Delete the run's folder (only for a run this call started that never checkpointed)."""
     fs, root = resolve_filesystem(run_uri(job), job.storage.options)
@@ -263,6 +290,9 @@ def run_search(job: JobConfig, *, resume_with_changes: bool = False) -> SearchOu
     trainer = build_trainer(job, config_changes=state.pending["changes"] if state.pending
                             else state.changes)
     state.commit()  # the driver's checks passed: the run starts under this configuration
+    for name in remove_unregistered_checkpoints(job):
+        state.notes.append(f"removed checkpoint folder {name}: written, never registered "
+                           "(the run was stopped before Ray Train recorded it)")
     try:
         fit_interruptibly(trainer)
     except Exception as err:

@@ -41,6 +41,7 @@ RUN_FILE = "job.json"
 # the schedule independent of the number of workers).
 OPERATIONAL = ("scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker",
                "scaling.gpus_per_worker", "scaling.max_failures",
+               "scaling.max_preemption_failures",
                "scaling.elastic_resize_interval_s", "storage.options", "storage.keep_checkpoints",
                "search.log_every", "search.eval_every", "data.storage_options",
                "data.object_store_limit_bytes", "data.target_block_bytes")
