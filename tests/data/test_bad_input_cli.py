@@ -87,7 +87,7 @@ def test_corrupt_image_in_a_worker_stops_the_run_without_retries(make_image_fold
                                 "search.lr_reference_batch=4", "name=bad"])
     line = assert_one_line_exit_2(out, bad_key, "cannot decode the image",
                                   f"{shards}/train/part-")
-    assert line.startswith("raydsnas: input error: worker 0:"), line
+    assert line.startswith("raydsnas: input error: shard "), line
     assert not (tmp_path / "runs" / "bad").exists()
     # With skip_corrupt the same data trains (the image is left out) and the run finishes.
     ok = run_search(tmp_path, [f"data.uri={shards}", "search.global_batch_size=4",
