@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({meta['val_samples']} images)")
     print(f"  cost:          {outcome.record['flops'] / 1e6:.2f}M FLOPs, "
           f"{outcome.record['params'] / 1e6:.3f}M params")
+    skipped = meta.get("skipped_images")
+    if skipped:
+        print(f"  skipped:       {len(skipped)} undecodable image(s) (data.skip_corrupt), "
+              f"listed in {outcome.subnet_uri}/arch.json meta.skipped_images")
     print(f"  load it with:  raydsnas.load_child({outcome.subnet_uri!r})")
     return 0
 

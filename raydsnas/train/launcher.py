@@ -158,6 +158,7 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
     `config_changes`: the run's recorded configuration changes (`provenance`), for its child's
     metadata."""
     datasets: dict[str, Any] = {}
+    skipped = None  # with data.skip_corrupt: the counter of images the pipeline left out
     # SPOS/random hold a share of the training split out to score candidates ("select");
     # `num_train` is what is left, the exact count the schedule's steps come from.
     fraction = job.search.selection_fraction
@@ -171,6 +172,7 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
         data = build_datasets(job.data, start_epoch=latest_checkpoint_epoch(job),
                               selection_fraction=fraction)
         datasets = {"train": data.train, "val": data.val}
+        skipped = data.skipped
         if data.select is not None:
             datasets["select"] = data.select
         num_classes = data.manifest.num_classes
@@ -197,7 +199,7 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
         train_func,
         train_loop_config={"job": job.to_dict(), "num_classes": num_classes,
                            "num_train": num_train, "run_uri": run_uri(job),
-                           "config_changes": list(config_changes)},
+                           "config_changes": list(config_changes), "skipped": skipped},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker=resources,

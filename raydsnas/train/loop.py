@@ -171,6 +171,8 @@ def train_func(config: dict[str, Any]) -> None:
             "elapsed_s": elapsed_s, "arch": json.dumps(strategy.argmax_arch()),
             **end_metrics,
         }
+        if config.get("skipped") is not None:  # data.skip_corrupt: images left out so far
+            metrics["skipped_images"] = config["skipped"].count()
         if last or (epoch + 1) % job.search.eval_every == 0:
             last_eval = data.evaluate(strategy.predict, collective)
         metrics.update(last_eval)  # every report carries the latest validation (Tune schedulers)
@@ -201,7 +203,8 @@ def train_func(config: dict[str, Any]) -> None:
             try:
                 metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
                                              elapsed_s, worker_s, total_epochs,
-                                             config.get("config_changes", ())))
+                                             config.get("config_changes", ()),
+                                             config.get("skipped")))
             except Exception:
                 report_with_checkpoint(metrics, strategy, rank, checkpoint_name, epoch + 1,
                                        elapsed_s, worker_s, history)
@@ -216,7 +219,8 @@ def train_func(config: dict[str, Any]) -> None:
         ray.train.report({**last_epoch, "arch": json.dumps(
             strategy.argmax_arch()), **export_result(job, strategy, data, collective, run_uri,
                                                      rank, elapsed_s, worker_s, total_epochs,
-                                                     config.get("config_changes", ()))})
+                                                     config.get("config_changes", ()),
+                                                     config.get("skipped"))})
     events.close()
 
 
@@ -251,12 +255,13 @@ def search_progress(strategy: SearchStrategy, history: list[dict], epoch: int) -
 def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
                   collective: Collective, run_uri: str, rank: int, elapsed_s: float,
                   worker_s: float, total_epochs: int | None = None,
-                  config_changes: Sequence[dict] = ()) -> dict[str, Any]:
+                  config_changes: Sequence[dict] = (), skipped: Any = None) -> dict[str, Any]:
     """BN-recalibrate, evaluate and export the argmax child (every rank computes, rank 0 writes).
 
     `worker_hours` counts every epoch the run took, search and any retrain/finetune phase, so
     DSNAS and the two-stage baselines compare on the same footing."""
     total_epochs = job.search.epochs if total_epochs is None else total_epochs
+    skipped_images = skipped.reasons() if skipped is not None else None
     arch = strategy.argmax_arch()
     child = strategy.export_child(arch)
     if job.search.bn_recalibration_batches:
@@ -277,6 +282,8 @@ def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
         "strategy": job.search.strategy, "search_epochs": job.search.epochs,
         "epochs": total_epochs, "search_end_step": getattr(strategy, "search_end_step", None),
         "forced_layers": list(getattr(strategy, "forced", [])),
+        # With data.skip_corrupt: the undecodable images left out ("<shard>:<key>" -> reason).
+        **({"skipped_images": skipped_images} if skipped_images is not None else {}),
     }
     subnet_uri = f"{run_uri.rstrip('/')}/subnet"
     if rank == 0:

@@ -94,3 +94,11 @@ def test_corrupt_image_in_a_worker_stops_the_run_without_retries(make_image_fold
                                "search.lr_reference_batch=4", "name=bad",
                                "data.skip_corrupt=true"])
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
+    from raydsnas import load_child
+
+    child = load_child(str(tmp_path / "runs" / "bad" / "subnet"))
+    skipped = child.meta["skipped_images"]  # the key is garbled in both splits' shards
+    assert skipped and all(k.endswith(f":{bad_key}") for k in skipped), skipped
+    assert any("/train/part-" in k for k in skipped), skipped
+    assert all("cannot decode the image" in reason for reason in skipped.values())
+    assert f"skipped:       {len(skipped)} undecodable image(s) (data.skip_corrupt)" in ok.stdout
