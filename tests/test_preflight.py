@@ -94,9 +94,12 @@ def test_dry_run_fails_early_on_jobs_that_cannot_fit(capsys, monkeypatch):
                        "--set", "data.uri=synthetic:1000/65536/64",
                        "--set", "search.global_batch_size=16384", "--gpu-memory-gib", "16")
     assert out.returncode == 2 and "exceeds 80% of the GPU's 16 GiB" in out.stdout
-    # An unreachable data set names its URL; a bad cluster file names itself.
+    # An unreachable data set is a problem naming its URL, after every check that needs no
+    # data; a bad cluster file names itself.
     out = dry_run_here(capsys, monkeypatch, "--set", "data.uri=/nonexistent/shards")
-    assert out.returncode == 2 and "/nonexistent/shards" in out.stderr
+    assert out.returncode == 2 and "PROBLEM:           data.uri: " in out.stdout
+    assert "/nonexistent/shards" in out.stdout.split("PROBLEM:")[1]
+    assert "memory/worker:" in out.stdout and "preflight: FAILED (1 problem(s))" in out.stdout
     out = dry_run_here(capsys, monkeypatch, "--cluster", "clusters/missing.yaml")
     assert out.returncode == 2 and "clusters/missing.yaml" in out.stderr
 
