@@ -146,18 +146,16 @@ def reconcile(job: JobConfig, run_uri: str, epoch: int, *,
         record = None
     state = RunState(run_uri, new=stored is None and epoch == 0 and record is None,
                      epoch=epoch, finished=False, record=record, options=options)
-    if stored is None:
-        if not state.new:  # a run from before job.json: compare with its child, if any
-            legacy = (record or {}).get("meta", {}).get("config")
-            if legacy is None:
-                state.notes.append(f"{run_uri} has checkpoints but no {RUN_FILE} (an older "
-                                   "raydsnas): resuming them with this configuration")
-            stored = {"config": recorded_config(legacy) if legacy else current, "changes": []}
-        else:
-            stored = {"config": current, "changes": []}
-        baseline = stored["config"]
-    else:
-        baseline = stored["config"]
+    recorded = stored is not None
+    if not recorded:
+        stored = {"config": current, "changes": []}
+        legacy = (record or {}).get("meta", {}).get("config")
+        if legacy is not None:  # a run from before job.json: compare with its child
+            stored["config"] = recorded_config(legacy)
+        elif not state.new:
+            state.notes.append(f"{run_uri} has checkpoints but no {RUN_FILE} (an older "
+                               "raydsnas): resuming them with this configuration")
+    baseline = stored["config"]
     changes = [c for c in differences(baseline, current) if c.kind != "operational"]
     refused = [c for c in changes if c.kind == "training"
                or (c.kind == "extendable" and not resume_with_changes)]
@@ -171,7 +169,7 @@ def reconcile(job: JobConfig, run_uri: str, epoch: int, *,
         stored["changes"].append({"key": change.key, "old": change.old, "new": change.new,
                                   "from_epoch": epoch})
         state.notes.append(f"applying {change} to run {run_uri} from epoch {epoch}")
-    if changes or not fs.get_file_info(path).type == pafs.FileType.File:
+    if changes or not recorded:
         stored["config"] = current
         state.pending = stored
     state.changes = stored["changes"]
