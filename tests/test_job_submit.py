@@ -4,6 +4,8 @@ exactly this cluster): the job SUCCEEDS, the child network lands in the head's h
 (the job's working directory is Ray's temporary copy), and it loads and runs."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import signal
 import socket
@@ -42,6 +44,50 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"the dashboard at {url} did not come up in {timeout} s")
 
 
+@contextmanager
+def ray_head(env: dict, cwd) -> Iterator[str]:
+    """`ray start --head --block` on free ports; yields its dashboard URL once it answers and
+    stops the head (its whole process group) afterwards."""
+    dashboard = f"http://127.0.0.1:{free_port()}"
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats",
+         # Not the default 52365: another Ray on the machine may hold it (then the head has no
+         # job agent, and every submit answers "No available agent").
+         f"--dashboard-agent-listen-port={free_port()}"],
+        env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_dashboard(dashboard, head)
+        yield dashboard
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+
+
+def submit_job(dashboard: str, submission: str, runtime_env: dict, env: dict,
+               entrypoint: list[str]) -> subprocess.CompletedProcess:
+    """The README's `ray job submit --address ... --working-dir . -- <entrypoint>` from the
+    repository root, with a submission id and a runtime environment."""
+    for _ in range(6):
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", ".",
+             "--submission-id", submission, "--runtime-env-json", json.dumps(runtime_env),
+             "--", *entrypoint],
+            cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
+        # The dashboard answers before the head's job agent has registered (seen on a loaded
+        # machine): Ray says so and asks to try again later.
+        if "No available agent to submit job" not in submit.stderr:
+            break
+        time.sleep(10)
+    return submit
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
     home = tmp_path / "home"
@@ -51,35 +97,14 @@ def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
                GLOO_SOCKET_IFNAME="lo")
     env.pop("RAYDSNAS_CACHE", None)
     cache = tmp_path / "cache"  # reaches the job through its runtime environment only
-    dashboard = f"http://127.0.0.1:{free_port()}"
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats",
-         # Not the default 52365: another Ray on the machine may hold it (then the head has no
-         # job agent, and every submit answers "No available agent").
-         f"--dashboard-agent-listen-port={free_port()}"],
-        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_dashboard(dashboard, head)
+    with ray_head(env, tmp_path) as dashboard:
         submission = f"raydsnas-test-{uuid.uuid4().hex[:8]}"
         # The README's command, plus a submission id, a runtime environment and a shorter run.
         runtime_env = {"env_vars": {"RAYDSNAS_CACHE": str(cache)}}
-        for attempt in range(6):
-            submit = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir",
-                 ".", "--submission-id", submission, "--runtime-env-json",
-                 json.dumps(runtime_env), "--",
-                 "python", "-m", "raydsnas.search", "--config", "jobs/local.yaml",
-                 "--set", "search.epochs=1", "--set", "search.max_steps_per_epoch=6",
-                 "--set", "search.bn_recalibration_batches=2"],
-                cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
-            # The dashboard answers before the head's job agent has registered (seen on a
-            # loaded machine): Ray says so and asks to try again later.
-            if "No available agent to submit job" not in submit.stderr:
-                break
-            time.sleep(10)
+        submit = submit_job(dashboard, submission, runtime_env, env, [
+            "python", "-m", "raydsnas.search", "--config", "jobs/local.yaml",
+            "--set", "search.epochs=1", "--set", "search.max_steps_per_epoch=6",
+            "--set", "search.bn_recalibration_batches=2"])
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         with urllib.request.urlopen(f"{dashboard}/api/jobs/{submission}", timeout=10) as r:
             assert json.loads(r.read())["status"] == "SUCCEEDED"
@@ -88,13 +113,6 @@ def test_ray_job_submit_runs_the_local_job_on_a_real_head(tmp_path):
                               text=True, timeout=60)
         subnet = home / "runs" / "dsnas-digits" / "subnet"
         assert f"child network: {subnet}" in logs.stdout, logs.stdout[-3000:]
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
 
     assert (cache / "builtin").is_dir()  # the job saw the runtime environment's variable
     record = json.loads((subnet / "arch.json").read_text())

@@ -9,16 +9,14 @@ whatever the local run left there (a local Ray that left `~/.ray/auth_token` mad
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 
 import pytest
 
-from tests.test_job_submit import BIN, ROOT, free_port, wait_for_dashboard
+from tests.test_job_submit import BIN, ROOT, ray_head, submit_job
 
 
 @pytest.mark.slow
@@ -61,43 +59,15 @@ def test_ray_job_submit_succeeds_on_a_head_started_after_a_local_run(tmp_path):
     assert "search.h 0.15 -> 0.29" in rerun.stderr and "--set name=first-run-2" in rerun.stderr
     assert {p: p.read_bytes() for p in (home / "runs").rglob("*") if p.is_file()} == before
 
-    dashboard = f"http://127.0.0.1:{free_port()}"
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats",
-         # Not the default 52365: another Ray on the machine may hold it (then the head has no
-         # job agent, and every submit answers "No available agent").
-         f"--dashboard-agent-listen-port={free_port()}"],
-        env=env, cwd=home, start_new_session=True, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_dashboard(dashboard, head)
+    with ray_head(env, home) as dashboard:
         submission = f"raydsnas-test-{uuid.uuid4().hex[:8]}"
         # The README's command, plus a submission id, the cache and a shorter run.
         runtime_env = {"env_vars": {"RAYDSNAS_CACHE": str(tmp_path / "cache")}}
-        for _ in range(6):
-            submit = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir",
-                 ".", "--submission-id", submission, "--runtime-env-json",
-                 json.dumps(runtime_env), "--",
-                 "python", "-m", "raydsnas.search", "--config", "jobs/local.yaml", *short],
-                cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
-            # The dashboard answers before the head's job agent has registered (seen on a
-            # loaded machine): Ray says so and asks to try again later.
-            if "No available agent to submit job" not in submit.stderr:
-                break
-            time.sleep(10)
+        submit = submit_job(dashboard, submission, runtime_env, env, [
+            "python", "-m", "raydsnas.search", "--config", "jobs/local.yaml", *short])
         assert "AuthenticationError" not in submit.stderr, submit.stderr[-3000:]
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         with urllib.request.urlopen(f"{dashboard}/api/jobs/{submission}", timeout=10) as r:
             assert json.loads(r.read())["status"] == "SUCCEEDED"
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
     record = json.loads((home / "runs" / "dsnas-digits" / "subnet" / "arch.json").read_text())
     assert record["meta"]["steps"] == 2
