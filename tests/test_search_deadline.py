@@ -68,6 +68,20 @@ def test_restart_begins_a_new_cosine_where_the_search_ended_and_continue_does_no
     assert restart.weight_opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_search_that_ends_inside_the_warm_up_lets_the_warm_up_finish():
+    # Every layer frozen after step 1 of a 2-epoch warm-up: no jump from the warm-up's small
+    # rate to the full rate; the warm-up and the run's own cosine carry on.
+    d = make(warmup_epochs=2)
+    for layer in range(SPACE.num_layers):
+        d.freeze_layer(layer, 0)
+    total = 6 * STEPS
+    schedule = warmup_cosine(total, 2 * STEPS)
+    for step, _, lr in run(d, total):
+        assert d.search_end_step == 1
+        assert lr == pytest.approx(0.05 * schedule(step)), step
+    assert d.child_schedule_start == 2 * STEPS
+
+
 def test_a_run_resumed_before_the_deadline_freezes_at_the_same_step_with_the_same_weights():
     reference = make(freeze_by=3)
     run(reference, 5 * STEPS)

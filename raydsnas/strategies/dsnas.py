@@ -62,7 +62,8 @@ class DSNASConfig:
             deadline (layers freeze only by h).
         child_schedule: the weight learning rate once the search has ended (every layer
             frozen, by h or by `freeze_by`): `restart` a cosine from `lr` over the rest of
-            the run (as the reference code trains its child) or `continue` the run's cosine.
+            the run (as the reference code trains its child; a search that ends inside the
+            warm-up lets the warm-up finish first) or `continue` the run's cosine.
         idle_grad: the gradient of candidates off this step's path: `zero` (the reference
             DSNAS code: SGD momentum and weight decay still move them every step) or `none`
             (SPOS's convention: untouched until sampled again).
@@ -274,12 +275,24 @@ class DSNAS:
 
     def lr_factor(self, step: int) -> float:
         """The weight learning rate at `step` over `lr`: warm-up and cosine over the run, and
-        with `child_schedule: restart` a new cosine from the step the search ended."""
+        with `child_schedule: restart` a new cosine from the step the search ended (after the
+        warm-up: a jump from the warm-up's small rate to `lr` costs the child ~12 points on
+        the built-in shapes, benchmarks/results/end_to_end_shapes_cpu.txt)."""
         cfg = self.config
-        end = self.search_end_step
-        if end is None or cfg.child_schedule == "continue" or step < end:
-            return warmup_cosine(cfg.total_steps, cfg.warmup_steps)(step)
-        return warmup_cosine(cfg.total_steps - end, 0)(step - end)
+        run = warmup_cosine(cfg.total_steps, cfg.warmup_steps)
+        start = self.child_schedule_start
+        if start is None or step < start:
+            return run(step)
+        return warmup_cosine(cfg.total_steps - start, 0)(step - start)
+
+    @property
+    def child_schedule_start(self) -> int | None:
+        """The step from which `restart` runs the child's new cosine: where the search ended,
+        but never inside the warm-up (a search that ends there lets the warm-up finish, and
+        the cosine that follows is the run's own). None: no restart (yet, or `continue`)."""
+        if self.search_end_step is None or self.config.child_schedule == "continue":
+            return None
+        return max(self.search_end_step, self.config.warmup_steps)
 
     def _refresh_lr(self) -> None:
         for group in self.weight_opt.param_groups:

@@ -242,13 +242,13 @@ def search_progress(strategy: SearchStrategy, history: list[dict], epoch: int) -
                       "forced_frozen": len(forced)}
     if previous is None:
         by_h = strategy.space.num_layers - len(forced)
-        schedule = getattr(strategy.config, "child_schedule", "continue")
+        start = getattr(strategy, "child_schedule_start", None)
+        lr = ("the same cosine" if start is None else "a new cosine" if start == end_step
+              else f"the warm-up runs to step {start}, then the run's cosine")
         out["ended_now"] = (
             f"search ended at step {end_step} (epoch {epoch}): {by_h} layer(s) frozen by h, "
             f"{len(forced)} by the freeze_by deadline {forced if forced else ''}; the rest of "
-            f"the run trains the child {strategy.argmax_arch()} "
-            f"({'a new cosine' if schedule == 'restart' else 'the same cosine'})").replace(
-                " ;", ";")
+            f"the run trains the child {strategy.argmax_arch()} ({lr})").replace(" ;", ";")
     return out
 
 
