@@ -6,8 +6,10 @@ training batches as the Ray loop's export does) scored on the validation split, 
 method sees before that score:
 
 - dsnas            one stage, E epochs: the product's recipe (`space.bn_eps` 1e-2, search
-                   deadline `freeze_by` 1/3 with a restarted cosine for the child, zero
-                   gradients for idle candidates), `flops_budget` = the FLOPs limit below.
+                   deadline `freeze_by` 1/3, the child rewound to its initialisation where
+                   the search ended and trained on its own warm-up and cosine
+                   (`child_start: rewind`), zero gradients for idle candidates),
+                   `flops_budget` = the FLOPs limit below.
 - fixed-same       the architecture dsnas found (same seed), trained alone for E epochs
                    (`search.strategy: fixed`, the same recipe and data order).
 - fixed-random     a uniformly random architecture (seeded), trained alone for E epochs.
@@ -18,11 +20,12 @@ method sees before that score:
                    under the limit, the best fine-tuned E/2 epochs.
   The two-stage methods score candidates on a held-out part of the training split
   (`selection_fraction`, never trained on), never on the validation split.
-- ablations (`--ablations`, changes to dsnas one at a time): dsnas-eps1e-5 (PyTorch's BN
+- ablations (`--ablations`, changes to dsnas one at a time): dsnas-inherit (the child keeps
+  the weights the search trained, as the paper and its reference code), dsnas-eps1e-5 (PyTorch's BN
   epsilon), dsnas-idle-none (SPOS's idle-gradient convention), dsnas-baseline (a per-layer
   running-mean baseline subtracted from the credit c_l: unbiased, lower variance), and
   dsnas-landed (the recipe before the deadline existed: eps 1e-5, no deadline, one cosine,
-  idle gradients None).
+  idle gradients None, inherited weights).
 
 Compute: the wall time of every training step and of the search (`end_search`), and
 machine-independent sample passes (forward+backward training passes; forward-only passes of
@@ -67,7 +70,8 @@ from raydsnas.strategies.spos import RandomSearchConfig, SPOSConfig
 RECALIBRATION_BATCHES = 8
 ONE_STAGE = ("dsnas", "fixed-same", "fixed-random")
 TWO_STAGE = ("spos+retrain", "spos+finetune", "random+finetune")
-ABLATIONS = ("dsnas-eps1e-5", "dsnas-idle-none", "dsnas-baseline", "dsnas-landed")
+ABLATIONS = ("dsnas-inherit", "dsnas-eps1e-5", "dsnas-idle-none", "dsnas-baseline",
+             "dsnas-landed")
 # The built-in sets as the jobs run them: (uri, image size, classes, total epochs E).
 DATA = {"digits": ("builtin:digits", 32, 10, 12), "shapes": ("builtin:shapes", 16, 24, 8)}
 
@@ -162,7 +166,7 @@ def dsnas_config(args, data, seed, limit, **changes) -> DSNASConfig:
     """The product's DSNAS recipe on the built-in data (`jobs/local.yaml`)."""
     base = DSNASConfig(lr=0.1, h=0.15, alpha_lr=0.1, warmup_epochs=1, freeze_check_every=10,
                        epochs=args.epochs, steps_per_epoch=data.steps_per_epoch, seed=seed,
-                       flops_budget=limit, freeze_by=args.freeze_by)
+                       flops_budget=limit, freeze_by=args.freeze_by, child_start="rewind")
     return replace(base, **changes)
 
 
@@ -172,6 +176,8 @@ def run_dsnas(method, space, data, args, seed, limit) -> Outcome:
         strategy_space = replace(space, bn_eps=1e-5)
     if method in ("dsnas-idle-none", "dsnas-landed"):
         changes["idle_grad"] = "none"
+    if method in ("dsnas-inherit", "dsnas-landed"):
+        changes["child_start"] = "inherit"
     if method == "dsnas-landed":
         changes.update(freeze_by=None, child_schedule="continue")
     if method == "dsnas-baseline":

@@ -82,6 +82,40 @@ def test_a_search_that_ends_inside_the_warm_up_lets_the_warm_up_finish():
     assert d.child_schedule_start == 2 * STEPS
 
 
+def test_a_rewound_child_trains_exactly_as_its_architecture_alone_from_where_the_search_ended():
+    d = make(freeze_by=2, child_start="rewind")
+    run(d, 2 * STEPS)
+    assert d.search_end_step == 2 * STEPS and d.child_schedule_start == 2 * STEPS
+    # The rest of the run (4 epochs) as `fixed` would train the found architecture from scratch.
+    alone = FixedArchitecture(SPACE, FixedConfig(lr=0.05, epochs=4, steps_per_epoch=STEPS,
+                                                 warmup_epochs=1, arch=tuple(d.argmax_arch())))
+    mine, theirs = d.supernet.state_dict(), alone.supernet.state_dict()
+    assert list(mine) == list(theirs)
+    for name in mine:  # weights and BN statistics back at their initialisation
+        torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0)
+    assert not d.weight_opt.state  # momentum cleared
+    for i in range(4 * STEPS):
+        if i == STEPS + 1:  # a checkpoint round trip in the child phase changes nothing
+            resumed = make(freeze_by=2, child_start="rewind")
+            resumed.load_state_dict(d.state_dict())
+            d = resumed
+        assert d.weight_opt.param_groups[0]["lr"] == pytest.approx(
+            alone.weight_opt.param_groups[0]["lr"]), i
+        x, y = batch(100 + i)
+        d.step(x, y)
+        alone.step(x, y)
+    for (name, a), b in zip(d.supernet.state_dict().items(), alone.supernet.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert d.weight_opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_rewind_needs_its_own_schedule():
+    with pytest.raises(ValueError, match=r"search\.child_start.*child_schedule = 'restart'"):
+        make(child_start="rewind", child_schedule="continue")
+    with pytest.raises(ValueError, match=r"search\.child_start"):
+        make(child_start="fresh")
+
+
 def test_a_run_resumed_before_the_deadline_freezes_at_the_same_step_with_the_same_weights():
     reference = make(freeze_by=3)
     run(reference, 5 * STEPS)

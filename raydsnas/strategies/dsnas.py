@@ -29,6 +29,7 @@ from raydsnas.strategies.optim import drop_params, warmup_cosine, weight_param_g
 
 SAMPLING_POLICIES = ("shared", "per_rank")
 CHILD_SCHEDULES = ("restart", "continue")
+CHILD_STARTS = ("inherit", "rewind")
 IDLE_GRADS = ("zero", "none")
 CREDIT_DECAY = 0.98  # the credit diagnostic's running mean spans ~50 steps
 
@@ -64,6 +65,14 @@ class DSNASConfig:
             frozen, by h or by `freeze_by`): `restart` a cosine from `lr` over the rest of
             the run (as the reference code trains its child; a search that ends inside the
             warm-up lets the warm-up finish first) or `continue` the run's cosine.
+        child_start: the child's weights once the search has ended: `inherit` those the
+            search trained (the paper and its reference code) or `rewind` them to their
+            initialisation (the seed's, as `strategy: fixed` starts from: BN statistics reset,
+            SGD momentum cleared) and train them on a new warm-up and cosine over the rest of
+            the run. The search's path-mixing steps move the shared weights by more than their
+            own norm early in training, which the child does not recover from at small
+            budgets (README, "One stage against its alternatives"). `rewind` needs
+            `child_schedule: restart`.
         idle_grad: the gradient of candidates off this step's path: `zero` (the reference
             DSNAS code: SGD momentum and weight decay still move them every step) or `none`
             (SPOS's convention: untouched until sampled again).
@@ -93,6 +102,7 @@ class DSNASConfig:
     freeze_check_every: int | None = None
     freeze_by: float | None = 1 / 3
     child_schedule: str = "restart"
+    child_start: str = "inherit"
     idle_grad: str = "zero"
     flops_budget: float | None = None
     flops_coef: float = 1.0
@@ -130,6 +140,11 @@ class DSNASConfig:
                "(alpha does not move before)")
         _check(self.child_schedule in CHILD_SCHEDULES, "child_schedule", self.child_schedule,
                f"one of {list(CHILD_SCHEDULES)}")
+        _check(self.child_start in CHILD_STARTS, "child_start", self.child_start,
+               f"one of {list(CHILD_STARTS)}")
+        _check(self.child_start == "inherit" or self.child_schedule == "restart", "child_start",
+               self.child_start, "'inherit' with child_schedule = 'continue' (a rewound child "
+               "needs its own schedule: child_schedule = 'restart')")
         _check(self.idle_grad in IDLE_GRADS, "idle_grad", self.idle_grad,
                f"one of {list(IDLE_GRADS)}")
         _check(self.flops_budget is None or self.flops_budget > 0, "flops_budget",
@@ -283,15 +298,19 @@ class DSNAS:
         start = self.child_schedule_start
         if start is None or step < start:
             return run(step)
-        return warmup_cosine(cfg.total_steps - start, 0)(step - start)
+        warmup = cfg.warmup_steps if cfg.child_start == "rewind" else 0
+        return warmup_cosine(cfg.total_steps - start, warmup)(step - start)
 
     @property
     def child_schedule_start(self) -> int | None:
         """The step from which `restart` runs the child's new cosine: where the search ended,
         but never inside the warm-up (a search that ends there lets the warm-up finish, and
-        the cosine that follows is the run's own). None: no restart (yet, or `continue`)."""
+        the cosine that follows is the run's own; a rewound child starts its own warm-up where
+        the search ended). None: no restart (yet, or `continue`)."""
         if self.search_end_step is None or self.config.child_schedule == "continue":
             return None
+        if self.config.child_start == "rewind":
+            return self.search_end_step
         return max(self.search_end_step, self.config.warmup_steps)
 
     def _refresh_lr(self) -> None:
@@ -451,8 +470,22 @@ class DSNAS:
             self.forced += forced
         if self.search_end_step is None and not self.searchable_layers():
             self.search_end_step = self.step_count
+            if self.config.child_start == "rewind":
+                self.rewind_child()
             self._refresh_lr()
         return forced
+
+    def rewind_child(self) -> None:
+        """The surviving weights back to their initialisation: the supernet the seed built
+        (rebuilt, outside the global random stream), BN statistics included; SGD momentum
+        cleared. The pruned supernet is then `fixed`'s network at its first step."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            initial = self.space.supernet().state_dict()
+        with torch.no_grad():
+            for name, tensor in self.supernet.state_dict().items():
+                tensor.copy_(initial[name])
+        self.weight_opt.state.clear()
 
     @property
     def search_ended(self) -> bool:

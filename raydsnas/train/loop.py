@@ -243,7 +243,10 @@ def search_progress(strategy: SearchStrategy, history: list[dict], epoch: int) -
     if previous is None:
         by_h = strategy.space.num_layers - len(forced)
         start = getattr(strategy, "child_schedule_start", None)
-        lr = ("the same cosine" if start is None else "a new cosine" if start == end_step
+        lr = ("the same cosine" if start is None
+              else "its weights rewound to their initialisation, a new warm-up and cosine"
+              if getattr(strategy.config, "child_start", "inherit") == "rewind"
+              else "a new cosine" if start == end_step
               else f"the warm-up runs to step {start}, then the run's cosine")
         out["ended_now"] = (
             f"search ended at step {end_step} (epoch {epoch}): {by_h} layer(s) frozen by h, "
