@@ -228,13 +228,14 @@ DEFAULT_CONFIG: dict[str, Any] = {
              "shuffle_buffer": 256},
     # The reference recipe scaled to a laptop run (benchmarks/end_to_end.py measured it): the
     # search ends by epoch 4 of 12 (`freeze_by`, 1/3 as the reference's 80 of 240), then the
-    # argmax child trains alone on a new cosine; BatchNorm eps 1e-2 and zero gradients for idle
+    # argmax child is rewound to its initialisation and trains alone on its own warm-up and
+    # cosine (`child_start: rewind`); BatchNorm eps 1e-2 and zero gradients for idle
     # candidates are the defaults. A fast alpha (0.1; the paper: 1e-3 over 240 epochs) and an
     # early-stop check every 10 steps let layers settle by h within those 4 epochs.
     "search": {"strategy": "dsnas", "epochs": 12, "global_batch_size": 64, "lr": 0.1,
                "lr_reference_batch": 64, "h": 0.15, "alpha_lr": 0.1, "warmup_epochs": 1,
                "freeze_check_every": 10, "freeze_by": 0.3333, "child_schedule": "restart",
-               "bn_recalibration_batches": 8},
+               "child_start": "rewind", "bn_recalibration_batches": 8},
     "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},
     "storage": {"uri": "./runs"},
 }

@@ -132,9 +132,10 @@ def test_default_run_with_no_arguments_writes_an_accurate_child(tmp_path):
     top1 = child.meta["top1"]
     assert top1 > 0.6  # 10 classes: chance is 0.1
     # The convergence guarantee: the search ended (every layer frozen) by its deadline, so the
-    # child's weights are its own, trained alone for the rest of the run.
+    # child's weights are its own, rewound there and trained alone for the rest of the run.
     assert child.meta["search_end_step"] is not None
     assert "[raydsnas] search ended at step" in out
+    assert "its weights rewound to their initialisation, a new warm-up and cosine" in out
     assert (tmp_path / "runs" / "dsnas-digits" / "events").is_dir()
 
     # The README's next steps on this run: verify and run the artifact from the command line,
