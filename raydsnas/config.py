@@ -143,6 +143,9 @@ class ScalingSection:
         cpus_per_worker: CPUs reserved per worker (also its torch threads on CPU). Leave CPUs
             free on each node for Ray Data's read and decode tasks.
         gpus_per_worker: GPUs per worker when `use_gpu` (1 for data parallelism).
+        resources: further Ray resources per worker, beyond CPU and GPU: a custom resource
+            that marks the node types to train on (e.g. `{fakegpu: 1}` on
+            clusters/local-autoscaling.yaml), as Ray's `resources_per_worker`.
         max_failures: worker-group restarts (from the last checkpoint) before the run fails,
             for crashed workers and lost nodes. Bad input in a worker (a corrupt image, a
             malformed shard) is not retried: the run stops with exit 2.
@@ -157,6 +160,7 @@ class ScalingSection:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    resources: Mapping[str, float] = field(default_factory=dict)
     max_failures: int = 3
     max_preemption_failures: int = -1
     sync_bn: bool = False
@@ -165,6 +169,14 @@ class ScalingSection:
     @property
     def max_workers(self) -> int:
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        """What Ray Train reserves for each worker (and preflight checks the nodes against)."""
+        per_worker = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            per_worker["GPU"] = self.gpus_per_worker
+        return {**per_worker, **self.resources}
 
 
 @dataclass(frozen=True)
@@ -469,6 +481,14 @@ def _parse_scaling(raw: dict) -> ScalingSection:
     _check_range("scaling.max_preemption_failures", section.max_preemption_failures, -1)
     _check_range("scaling.cpus_per_worker", section.cpus_per_worker, 0)
     _check_range("scaling.gpus_per_worker", section.gpus_per_worker, 0)
+    for name, amount in section.resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ConfigError(f"scaling.resources.{name} is not allowed; CPUs and GPUs are "
+                              "scaling.cpus_per_worker and scaling.gpus_per_worker")
+        if (not isinstance(amount, (int, float)) or isinstance(amount, bool)
+                or amount <= 0):
+            raise ConfigError(f"scaling.resources.{name} = {amount!r} is not allowed; "
+                              "expected a number > 0")
     if section.elastic_resize_interval_s <= 0:
         raise ConfigError("scaling.elastic_resize_interval_s = "
                           f"{section.elastic_resize_interval_s!r} is not allowed; expected > 0")

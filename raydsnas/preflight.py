@@ -70,6 +70,9 @@ class Capacity:
     # False for a running cluster seen from outside: nodes may still join, so a request that
     # does not fit what is there now is a warning, not a problem.
     complete: bool = True
+    # The autoscaler the cluster runs: "v2" launches nothing for a request the cluster can
+    # never hold whole (Ray Train asks for all `max` workers at once); None: none, or unknown.
+    autoscaler: str | None = None
 
     def workers_fit(self, per_worker: dict[str, float]) -> tuple[int, list[str]]:
         """How many workers of `per_worker` resources the cluster can hold at its largest,
@@ -160,16 +163,23 @@ def load_cluster(path: str | Path) -> Capacity:
             config = _derive_autoscaling_config_from_ray_cr(
                 {"metadata": {"namespace": "default", **ray_cr["metadata"]}, "spec": spec})
             autoscaling = bool(spec.get("enableInTreeAutoscaling"))
+            # KubeRay runs autoscaler v1 unless told otherwise.
+            version = (spec.get("autoscalerOptions") or {}).get("version", "v1")
+            autoscaler = version if autoscaling else None
         else:
             logger = logging.getLogger("ray.autoscaler")
             level = logger.level
-            logger.setLevel(logging.WARNING)  # prepare_config logs each default it fills in
+            # prepare_config logs each default it fills in, and for an external provider
+            # (clusters/local-autoscaling.yaml) warns about legacy keys of its own defaults.
+            logger.setLevel(logging.ERROR)
             try:
                 config = prepare_config(docs[0])
             finally:
                 logger.setLevel(level)
             validate_config(config)
             autoscaling = True
+            # `ray up` starts autoscaler v2 since Ray 2.50 (RAY_UP_enable_autoscaler_v2=0: v1).
+            autoscaler = "v1" if os.environ.get("RAY_UP_enable_autoscaler_v2") == "0" else "v2"
     except Exception as err:  # noqa: BLE001 (jsonschema's and Ray's messages name the key)
         raise ConfigError(f"--cluster {path}: Ray rejects this cluster config: "
                           f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
@@ -185,7 +195,8 @@ def load_cluster(path: str | Path) -> Capacity:
             next((gib for prefix, gib in GPU_MEMORY_GIB.items() if instance.startswith(prefix)),
                  None),
             (not instance.startswith(NO_BF16)) if instance else None))
-    return Capacity(str(path), nodes, int(config.get("max_workers", 0)), autoscaling)
+    return Capacity(str(path), nodes, int(config.get("max_workers", 0)), autoscaling,
+                    autoscaler=autoscaler)
 
 
 def local_capacity() -> Capacity:
@@ -317,9 +328,7 @@ def preflight(job: JobConfig, capacity: Capacity, *,
     scaling, search = job.scaling, job.search
     counts = scaling.num_workers if isinstance(scaling.num_workers, tuple) else \
         (scaling.num_workers, scaling.num_workers)
-    per_worker = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        per_worker["GPU"] = scaling.gpus_per_worker
+    per_worker = scaling.resources_per_worker
     table = space.flops_table()
     flops = (space.flops(table.smallest()), space.flops(table.largest()))
     params_table = space.params_table()
@@ -388,6 +397,15 @@ def _check_fit(pf: Preflight) -> None:
         need = low * pf.per_worker_resources["GPU" if scaling.use_gpu else "CPU"]
         problem(f"{workers} needs {low} workers ({need:g} {what}); {pf.capacity.source} holds "
                 f"at most {fit} (its node types' max_workers and resources)")
+    elif fit < high and pf.capacity.autoscaler == "v2":
+        # Ray Train asks for all `high` workers at once; v2 launches nothing for a request the
+        # cluster can never hold whole, so from zero worker nodes the run would never start.
+        problem(f"{workers} asks Ray's autoscaler for {high} workers at once; "
+                f"{pf.capacity.source} holds at most {fit} (its node types' max_workers and "
+                "resources), and autoscaler v2 launches no node for a request the cluster can "
+                "never hold: the job would wait at 0 workers. Set scaling.num_workers to "
+                f"[{low}, {fit}], or raise max_workers in the cluster file (of node type(s) "
+                f"{', '.join(t for t in types if t != 'head')}, and its own)")
     elif fit < high:
         warn(f"{pf.capacity.source} holds at most {fit} of the {high} workers: the elastic run "
              f"will stay at {fit}")

@@ -20,6 +20,10 @@ from raydsnas.preflight import load_cluster
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ["aws.yaml", "gcp.yaml"]
 KUBERAY = ["kuberay-cluster.yaml", "kuberay-job.yaml"]
+LOCAL = ["local-autoscaling.yaml"]  # tests/test_autoscaling.py runs it
+# KubeRay v1.7.0's CRDs: data beside the checkout (CI has ../shared), not part of the project.
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters-v1.7.0.yaml", "RayJob": "ray.io_rayjobs-v1.7.0.yaml"}
 SECRET = re.compile(r"(aws_secret_access_key|aws_access_key_id|secret_access_key|private_key"
                     r"|AKIA[0-9A-Z]{16}|BEGIN [A-Z ]*PRIVATE KEY)", re.IGNORECASE)
 
@@ -31,7 +35,68 @@ def ray_cluster_spec(path: Path) -> dict:
 
 
 def test_every_cluster_file_is_covered():
-    assert {p.name for p in (ROOT / "clusters").glob("*.yaml")} == set(LAUNCHER + KUBERAY)
+    assert {p.name for p in (ROOT / "clusters").glob("*.yaml")} == set(LAUNCHER + KUBERAY + LOCAL)
+
+
+def strict(schema):
+    """A CRD's OpenAPI schema as `kubectl --validate=strict` applies it: an object schema that
+    lists its properties rejects any other (unless it preserves unknown fields)."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def crd_validator(kind: str):
+    import jsonschema
+
+    path = CRDS / CRD_FILES[kind]
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the KubeRay CRDs are read from ../shared/kuberay-crds")
+    crd = yaml.safe_load(path.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_manifest_passes_the_kuberay_crd_schema(name):
+    """Each manifest against KubeRay v1.7.0's own CRD schema, unknown fields as errors; a typo
+    anywhere in it (here: in the worker group's template) is caught, naming the field."""
+    doc = yaml.safe_load((ROOT / "clusters" / name).read_text())
+    validator = crd_validator(doc["kind"])
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in validator.iter_errors(doc)]
+    assert errors == []
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    assert spec["autoscalerOptions"]["version"] == "v2"  # explicit: KubeRay's default is v1
+    spec["workerGroupSpecs"][0]["template"]["spec"]["tolerration"] = []
+    spec["autoscalerOptions"]["version"] = "v3"
+    found = {e.message for e in validator.iter_errors(doc)}
+    assert any("'tolerration' was unexpected" in m for m in found), found
+    assert any("'v3' is not one of ['v1', 'v2']" in m for m in found), found
+
+
+@pytest.mark.parametrize("name", LAUNCHER + KUBERAY + LOCAL)
+def test_cluster_file_turns_on_train_run_state(name):
+    """Ray Train's run state (served at /api/train/v2/runs/v1) is on in every cluster."""
+    path = ROOT / "clusters" / name
+    if name in LOCAL:
+        path = ROOT / "clusters" / "local-autoscaling.sh"  # the environment of its head
+        assert "export RAY_TRAIN_ENABLE_STATE_TRACKING=1" in path.read_text()
+        return
+    doc = yaml.safe_load(path.read_text())
+    if name in LAUNCHER:
+        assert "--env RAY_TRAIN_ENABLE_STATE_TRACKING=1" in doc["docker"]["run_options"]
+    else:
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+        assert {"name": "RAY_TRAIN_ENABLE_STATE_TRACKING", "value": "1"} in head["env"]
 
 
 @pytest.mark.parametrize("name", LAUNCHER)
@@ -103,7 +168,8 @@ def test_kuberay_manifest_passes_ray_autoscaler(name):
         assert (ROOT / doc["spec"]["entrypoint"][len(prefix):].split()[0]).is_file()
 
 
-@pytest.mark.parametrize("name", LAUNCHER + KUBERAY + ["Dockerfile"])
+@pytest.mark.parametrize("name", LAUNCHER + KUBERAY + LOCAL + ["local-autoscaling.sh",
+                                                              "Dockerfile"])
 def test_cluster_file_has_no_secrets_and_says_how_to_launch(name):
     text = (ROOT / "clusters" / name).read_text()
     assert not SECRET.search(text)
@@ -111,6 +177,8 @@ def test_cluster_file_has_no_secrets_and_says_how_to_launch(name):
     launch = {"aws.yaml": "ray up clusters/aws.yaml", "gcp.yaml": "ray up clusters/gcp.yaml",
               "kuberay-cluster.yaml": "kubectl apply -f clusters/kuberay-cluster.yaml",
               "kuberay-job.yaml": "kubectl apply -f clusters/kuberay-job.yaml",
+              "local-autoscaling.yaml": "bash clusters/local-autoscaling.sh",
+              "local-autoscaling.sh": "bash clusters/local-autoscaling.sh",
               "Dockerfile": "docker build -f clusters/Dockerfile"}[name]
     assert launch in header
 

@@ -134,6 +134,36 @@ def test_capacity_counts_workers_per_node_and_the_global_limit():
     assert cap.workers_fit({"CPU": 1, "GPU": 16}) == (0, [])
 
 
+def test_an_elastic_max_the_autoscaler_can_never_launch_fails_the_dry_run(capsys, monkeypatch,
+                                                                         tmp_path):
+    """Autoscaler v2 (a `ray up` file, KubeRay's `version: v2`) launches nothing for Ray
+    Train's request of all `max` workers when the cluster can never hold them: a problem (exit
+    2, saying what to change). Under KubeRay's v1 (which launches what it can) a warning."""
+    args = ["--config", "jobs/local-autoscaling.yaml", "--set", "scaling.num_workers=[1,4]"]
+    out = dry_run_here(capsys, monkeypatch, *args, "--cluster", "clusters/local-autoscaling.yaml")
+    assert out.returncode == 2, out.stdout
+    assert ("scaling.num_workers = [1, 4] asks Ray's autoscaler for 4 workers at once; "
+            "clusters/local-autoscaling.yaml holds at most 2") in out.stdout
+    assert "Set scaling.num_workers to [1, 2], or raise max_workers" in out.stdout
+    assert "of node type(s) worker" in out.stdout
+    ok = dry_run_here(capsys, monkeypatch, *args[:2], "--cluster",
+                      "clusters/local-autoscaling.yaml")
+    assert ok.returncode == 0 and "preflight: OK" in ok.stdout
+
+    import yaml
+
+    cluster = yaml.safe_load((ROOT / "clusters" / "kuberay-cluster.yaml").read_text())
+    big = ["--config", "jobs/imagenet.yaml", "--set", "data.uri=synthetic:1000/65536/64",
+           "--set", "scaling.num_workers=[8,64]"]
+    for version, code in (("v2", 2), ("v1", 0)):
+        cluster["spec"]["autoscalerOptions"]["version"] = version
+        path = tmp_path / f"kuberay-{version}.yaml"
+        path.write_text(yaml.safe_dump(cluster))
+        out = dry_run_here(capsys, monkeypatch, *big, "--cluster", str(path))
+        assert out.returncode == code, (version, out.stdout)
+        assert f"{path} holds at most 32" in out.stdout
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_job_passes_its_preflight(path):
     """Each shipped job fits the cluster it is written for (data swapped for a synthetic set of
@@ -145,7 +175,10 @@ def test_every_job_passes_its_preflight(path):
 
     raw = yaml.safe_load(path.read_text())
     sweep = "sweep" in raw
-    if raw["scaling"].get("use_gpu"):
+    if path.name == "local-autoscaling.yaml":  # its one-machine autoscaling cluster
+        job = load_config(path)
+        result = preflight(job, load_cluster(ROOT / "clusters" / "local-autoscaling.yaml"))
+    elif raw["scaling"].get("use_gpu"):
         overrides = ["data.uri=synthetic:1000/65536/64"]
         job = parse_config(load_sweep(str(path), overrides)[0]) if sweep else load_config(path, overrides)
         result = preflight(job, load_cluster(ROOT / "clusters" / "aws.yaml"))

@@ -7,6 +7,7 @@ pipeline so the data order continues too).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from raydsnas.data.storage import (
 )
 from raydsnas.export import read_record
 from raydsnas.local_ray import start_local_ray
+from raydsnas.train.autoscaler import AutoscalerWatch
 from raydsnas.train.loop import train_func
 from raydsnas.train.provenance import reconcile
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
@@ -121,6 +123,9 @@ def connect_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        # Ray Train's run state (attempts, workers, status) for the dashboard's API,
+        # /api/train/v2/runs/v1; read where the trainer is built, i.e. here in the driver.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
         ray.init(address=address, logging_level="WARNING")
     else:
         # A new Ray on this machine. `address="local"`: without it, ray.init() joins the cluster
@@ -192,9 +197,6 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
     else:
         storage = dict(storage_path=root, storage_filesystem=fs)
     scaling = job.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         train_func,
         train_loop_config={"job": job.to_dict(), "num_classes": num_classes,
@@ -202,7 +204,7 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
                            "config_changes": list(config_changes), "skipped": skipped},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=scaling.resources_per_worker,
             elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s),
         run_config=ray.train.RunConfig(
             name=job.name,
@@ -295,8 +297,13 @@ def run_search(job: JobConfig, *, resume_with_changes: bool = False) -> SearchOu
     for name in remove_unregistered_checkpoints(job):
         state.notes.append(f"removed checkpoint folder {name}: written, never registered "
                            "(the run was stopped before Ray Train recorded it)")
+    # On a cluster (perhaps autoscaled), say what its autoscaler reports it cannot launch.
+    watch = AutoscalerWatch(ray.get_runtime_context().gcs_address,
+                            job.scaling.resources_per_worker) \
+        if os.environ.get("RAY_ADDRESS") else contextlib.nullcontext()
     try:
-        fit_interruptibly(trainer)
+        with watch:
+            fit_interruptibly(trainer)
     except Exception as err:
         found = input_error(err)
         if found is None:

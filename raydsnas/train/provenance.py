@@ -40,7 +40,7 @@ RUN_FILE = "job.json"
 # Keys that change how a run is executed, not what it trains (elastic resizing already makes
 # the schedule independent of the number of workers).
 OPERATIONAL = ("scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker",
-               "scaling.gpus_per_worker", "scaling.max_failures",
+               "scaling.gpus_per_worker", "scaling.resources", "scaling.max_failures",
                "scaling.max_preemption_failures",
                "scaling.elastic_resize_interval_s", "storage.options", "storage.keep_checkpoints",
                "search.log_every", "search.eval_every", "data.storage_options",
