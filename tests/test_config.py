@@ -52,6 +52,10 @@ def test_batch_and_lr_follow_the_world_size_by_the_documented_rule():
     ("search.sampling=all", "search.sampling = 'all' is not allowed; expected one of"),
     ("scaling.num_workers=[4,1]", "scaling.num_workers = [4, 1] is not allowed"),
     ("scaling.use_gpu=maybe", "scaling.use_gpu = 'maybe' is not allowed; expected true or false"),
+    ("scaling.resources.fakegpu=0", "scaling.resources.fakegpu = 0 is not allowed; expected a "
+     "number > 0"),
+    ("scaling.resources.GPU=1", "scaling.resources.GPU is not allowed; CPUs and GPUs are"),
+    ("scaling.resources=4", "scaling.resources = 4 is not allowed"),
     ("space.width_mult=0", "space.width_mult = 0 is not allowed"),
     ("space.preset=resnet", "space.preset = 'resnet' is not allowed"),
     ("data.image_size=2", "data.image_size = 2"),

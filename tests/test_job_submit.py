@@ -71,14 +71,15 @@ def ray_head(env: dict, cwd) -> Iterator[str]:
 
 
 def submit_job(dashboard: str, submission: str, runtime_env: dict, env: dict,
-               entrypoint: list[str]) -> subprocess.CompletedProcess:
+               entrypoint: list[str], wait: bool = True) -> subprocess.CompletedProcess:
     """The README's `ray job submit --address ... --working-dir . -- <entrypoint>` from the
-    repository root, with a submission id and a runtime environment."""
+    repository root, with a submission id and a runtime environment (`wait=False`: returns
+    once the job is submitted, `--no-wait`)."""
     for _ in range(6):
         submit = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", ".",
              "--submission-id", submission, "--runtime-env-json", json.dumps(runtime_env),
-             "--", *entrypoint],
+             *([] if wait else ["--no-wait"]), "--", *entrypoint],
             cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
         # The dashboard answers before the head's job agent has registered (seen on a loaded
         # machine): Ray says so and asks to try again later.

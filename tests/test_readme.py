@@ -43,7 +43,21 @@ COVERAGE = {
     r"ray job submit --address http://127\.0\.0\.1:8265 --working-dir \. (--runtime-env-json .* )?-- python -m raydsnas\.search --config jobs/\S+\.yaml": [
         "tests/test_job_submit.py::test_ray_job_submit_runs_the_local_job_on_a_real_head",
         "tests/test_newcomer_cluster.py::test_ray_job_submit_succeeds_on_a_head_started_after_a_local_run",
-        "tests/test_preflight.py::test_every_job_passes_its_preflight"],
+        "tests/test_preflight.py::test_every_job_passes_its_preflight",
+        "tests/test_autoscaling.py::"
+        "test_autoscaler_launches_grows_replaces_a_preempted_node_and_the_job_succeeds"],
+    r"bash clusters/local-autoscaling\.sh": [
+        "tests/test_autoscaling.py::"
+        "test_autoscaler_launches_grows_replaces_a_preempted_node_and_the_job_succeeds",
+        "tests/test_autoscaling.py::"
+        "test_nodes_come_from_zero_go_when_idle_and_an_impossible_request_is_reported"],
+    r"python -m raydsnas\.search --config jobs/local-autoscaling\.yaml --dry-run --cluster "
+    r"clusters/local-autoscaling\.yaml": [
+        "tests/test_preflight.py::"
+        "test_an_elastic_max_the_autoscaler_can_never_launch_fails_the_dry_run"],
+    r"curl -s http://127\.0\.0\.1:8265/api/train/v2/runs/v1": [
+        "tests/test_autoscaling.py::"
+        "test_autoscaler_launches_grows_replaces_a_preempted_node_and_the_job_succeeds"],
     r"python -m raydsnas\.tune --config jobs/local-sweep\.yaml": [
         "tests/test_tune.py::test_asha_stops_trials_early_and_the_following_trials_still_run"],
     r"tensorboard --logdir runs": [
@@ -136,7 +150,7 @@ def test_readme_dry_run_on_s3_shards(s3_server, tmp_path):
     """The README's dry run, word for word, against `s3://my-bucket/imagenet-shards` on the
     loopback S3 server (holding the digits' shards), reached through AWS_ENDPOINT_URL as a user
     would reach MinIO."""
-    (command,) = [c for c in readme_commands() if "--dry-run --cluster" in c]
+    (command,) = [c for c in readme_commands() if "--dry-run --cluster clusters/aws.yaml" in c]
     fs = s3_server.filesystem()
     ensure_bucket(fs, "my-bucket")
     local = builtin_shard_set("digits")
@@ -160,7 +174,7 @@ def test_readme_dry_run_on_s3_shards(s3_server, tmp_path):
 def test_readme_dry_run_without_the_bucket_still_checks_the_rest(s3_server):
     """The README's ImageNet dry run where its bucket does not exist (a reader without the
     data): every check that needs no data is still printed, then the data error; exit 2."""
-    (command,) = [c for c in readme_commands() if "--dry-run --cluster" in c]
+    (command,) = [c for c in readme_commands() if "--dry-run --cluster clusters/aws.yaml" in c]
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
            "AWS_ENDPOINT_URL": s3_server.endpoint_url,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
