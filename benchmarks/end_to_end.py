@@ -61,8 +61,9 @@ import torch
 
 from raydsnas import SearchSpace
 from raydsnas.analysis import load_data
+from raydsnas.data.tensors import TensorBatches
 from raydsnas.evaluation import recalibrate_bn
-from raydsnas.strategies import DSNAS, TensorBatches, build_strategy
+from raydsnas.strategies import DSNAS, build_strategy
 from raydsnas.strategies.dsnas import DSNASConfig
 from raydsnas.strategies.fixed import FixedConfig
 from raydsnas.strategies.spos import RandomSearchConfig, SPOSConfig

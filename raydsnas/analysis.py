@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raydsnas.data.tensors import TensorBatches
 from raydsnas.evaluation import recalibrate_bn
 from raydsnas.space import SearchSpace
-from raydsnas.strategies.base import TensorBatches
 from raydsnas.strategies.optim import warmup_cosine, weight_param_groups
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from raydsnas.analysis import kendall_tau, main
+from raydsnas.data.tensors import TensorBatches
 from raydsnas.space import SearchSpace
-from raydsnas.strategies import SPOS, SPOSConfig, TensorBatches
+from raydsnas.strategies import SPOS, SPOSConfig
 
 
 @pytest.fixture(autouse=True, scope="module")

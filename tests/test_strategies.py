@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from raydsnas import SearchSpace, load_child, save_child
-from raydsnas.strategies import STRATEGIES, TensorBatches, build_strategy
+from raydsnas.data.tensors import TensorBatches
+from raydsnas.strategies import STRATEGIES, build_strategy
 from raydsnas.strategies.snas import SNAS, SNASConfig, relaxed_choice, temperature
 
 SPACE = SearchSpace(num_classes=4, input_size=8, width_mult=0.25, stage_repeats=(1, 1, 2, 1),

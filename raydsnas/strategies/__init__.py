@@ -6,14 +6,14 @@ strategy class). Every strategy satisfies `raydsnas.strategies.base.SearchStrate
 
 from typing import Any
 
-from raydsnas.strategies.base import SearchStrategy, SupernetTrainer, TensorBatches, TrainingConfig
+from raydsnas.strategies.base import SearchStrategy, StepStats, SupernetTrainer, TrainingConfig
 from raydsnas.strategies.collective import (
-                                            Collective,
-                                            LocalCollective,
-                                            TorchDistributedCollective,
-                                            default_collective,
+    Collective,
+    LocalCollective,
+    TorchDistributedCollective,
+    default_collective,
 )
-from raydsnas.strategies.dsnas import DSNAS, DSNASConfig, StepStats, dsnas_alpha_grad
+from raydsnas.strategies.dsnas import DSNAS, DSNASConfig, dsnas_alpha_grad
 from raydsnas.strategies.fixed import FixedArchitecture, FixedConfig, resolve_arch
 from raydsnas.strategies.proxyless import ProxylessConfig, ProxylessNAS
 from raydsnas.strategies.snas import SNAS, SNASConfig
@@ -57,11 +57,10 @@ __all__ = [
     "SearchStrategy",
     "StepStats",
     "SupernetTrainer",
-    "TensorBatches",
     "TorchDistributedCollective",
     "TrainingConfig",
     "build_strategy",
     "default_collective",
-    "resolve_arch",
     "dsnas_alpha_grad",
+    "resolve_arch",
 ]

@@ -1,42 +1,100 @@
-"""What the training loop needs from a search strategy, and the plumbing the baselines share.
+"""The floor every search strategy stands on: the loop's interface, the shared vocabulary,
+the weight recipe and the supernet plumbing.
 
 `SearchStrategy` is the interface `raydsnas.train.loop` uses; `DSNAS` and every baseline
-(`SNAS`, `ProxylessNAS`, `SPOS`, `RandomSearch`) satisfy it. The loop runs `step` for
-`search.epochs` epochs, then calls `end_search(data, epoch)` once (SPOS and random search pick
-their architecture there and may switch to a retrain/finetune phase), then runs `extra_epochs`
-more epochs of `step` (counted in the schedule, the reports and the exported worker-hours).
+(`SNAS`, `ProxylessNAS`, `SPOS`, `RandomSearch`, `FixedArchitecture`) satisfy it. The loop runs
+`step` for `search.epochs` epochs, then calls `end_search(data, epoch)` once (SPOS and random
+search pick their architecture there and may switch to a retrain/finetune phase), then runs
+`extra_epochs` more epochs of `step` (counted in the schedule, the reports and the exported
+worker-hours).
 
-`SupernetTrainer` is the common part of the baselines: one supernet, an SGD optimiser with the
-DSNAS recipe (momentum, weight decay off BN, warm-up + cosine), bf16 autocast on recent GPUs,
-gradient averaging over ranks, prediction and child export, checkpoint state.
+The vocabulary: `StepStats` (what a step reports), `check` (a config value's error),
+`entropy_per_layer`, `expected_flops`, `sampling_seed`. `TrainingConfig` is the weight recipe
+every strategy's config extends. `SupernetTrainer` is what every strategy is built on: one
+supernet, an SGD optimiser with the DSNAS recipe (momentum, weight decay off BN, warm-up +
+cosine), bf16 autocast and channels_last on recent GPUs, gradient averaging over ranks,
+prediction and child export, checkpoint state. `AlphaSearch` adds one alpha matrix and its Adam
+optimiser (SNAS, ProxylessNAS); DSNAS keeps one alpha row per layer, to prune them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from raydsnas.data.selection import index_selection_mask
-from raydsnas.evaluation import accuracy_from_sums, accuracy_sums
 from raydsnas.space import SearchSpace
 from raydsnas.space.child import ChildNet
-from raydsnas.strategies.collective import Collective, LocalCollective
-from raydsnas.strategies.dsnas import StepStats, _check, entropy_per_layer, expected_flops
+from raydsnas.strategies.collective import Collective, LocalCollective, mean_over_ranks
 from raydsnas.strategies.optim import warmup_cosine, weight_param_groups
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+# -- the shared vocabulary -----------------------------------------------------------------------
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """A strategy config's error: `search.<key> = <value> is not allowed; expected <allowed>`."""
+    if not ok:
+        raise ValueError(f"search.{key} = {value!r} is not allowed; expected {allowed}")
+
+
+@dataclass
+class StepStats:
+    """What one search step reports. Tensors stay on the device until the caller reads them."""
+
+    step: int
+    loss: torch.Tensor
+    correct: torch.Tensor
+    batch_size: int
+    path: list[int]
+    expected_flops: float
+    entropy: float
+    num_frozen: int
+    newly_frozen: list[int] = field(default_factory=list)
+    lr: float = 0.0
+    searching: bool = True
+
+
+def entropy_per_layer(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of `[L, n]` probabilities."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
+def expected_flops(probs: torch.Tensor, table: torch.Tensor, fixed: float) -> torch.Tensor:
+    """E_p[FLOPs] = fixed + sum_l sum_k p_lk F_lk (differentiable in `probs`)."""
+    return fixed + (probs * table).sum()
+
+
+def sampling_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for step `step`'s path: the same on every rank for `rank=0` (shared policy)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def initial_alpha(space: SearchSpace, config: Any) -> torch.Tensor:
+    """`[L, n]` architecture parameters at 1 + N(0, `config.alpha_init_std`), from their own
+    generator seeded by `config.seed` (the global stream, which initialises the weights, is
+    left alone)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    return 1 + config.alpha_init_std * torch.randn(space.num_layers, space.num_choices,
+                                                   generator=generator)
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32 if it is a half-precision tensor (logits under autocast), else as is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class SearchData(Protocol):
     """The batches a strategy may read after the search epochs (BN recalibration, candidate
-    evaluation). `raydsnas.train.loop.Batches` is one; `TensorBatches` is another.
+    evaluation). `raydsnas.train.loop.Batches` is one; `raydsnas.data.tensors.TensorBatches` is
+    another.
 
     Splits: `train` (never holds a selection-split sample), `val` (what the final child is
     reported on) and, when the data was built with a selection fraction, `select`: training
@@ -108,24 +166,25 @@ class TrainingConfig:
     channels_last: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "lr", self.lr, "a number > 0")
-        _check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
+        check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
                "a number in [0, 1)")
-        _check(self.epochs > 0, "epochs", self.epochs, "a number > 0")
-        _check(self.steps_per_epoch >= 1, "steps_per_epoch", self.steps_per_epoch,
+        check(self.epochs > 0, "epochs", self.epochs, "a number > 0")
+        check(self.steps_per_epoch >= 1, "steps_per_epoch", self.steps_per_epoch,
                "an integer >= 1")
-        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "a number >= 0")
+        check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
+              "a number >= 0 (longer than the run: warm-up over the whole run)")
 
     def check_alpha_optimizer(self) -> None:
         """Validate (and normalise) the `alpha_lr`, `alpha_betas`, `alpha_init_std` keys of a
         strategy config that learns alpha with Adam (`AlphaSearch`)."""
         self.alpha_betas = tuple(self.alpha_betas)
-        _check(self.alpha_lr >= 0, "alpha_lr", self.alpha_lr, "a number >= 0")
-        _check(len(self.alpha_betas) == 2 and all(0 <= b < 1 for b in self.alpha_betas),
+        check(self.alpha_lr >= 0, "alpha_lr", self.alpha_lr, "a number >= 0")
+        check(len(self.alpha_betas) == 2 and all(0 <= b < 1 for b in self.alpha_betas),
                "alpha_betas", self.alpha_betas, "two numbers in [0, 1)")
-        _check(self.alpha_init_std >= 0, "alpha_init_std", self.alpha_init_std, "a number >= 0")
+        check(self.alpha_init_std >= 0, "alpha_init_std", self.alpha_init_std, "a number >= 0")
 
     @property
     def total_steps(self) -> int:
@@ -169,11 +228,12 @@ def sample_in_band(space: SearchSpace, generator: torch.Generator, low: float | 
 
 
 class SupernetTrainer:
-    """The shared part of the baselines: supernet, weight optimiser and schedule, ranks, export.
+    """Supernet, weight optimiser and schedule, ranks, prediction, export, checkpoint state.
 
     Subclasses implement `step` and the architecture distribution (`probs`, `argmax_arch`,
-    `alpha_matrix`); `state_dict()` / `load_state_dict()` here hold the weights, optimiser,
-    schedule and step, and subclasses add their own entries.
+    `alpha_matrix`); they add optimisers in `_build_optimizers` and change the learning rate's
+    shape in `lr_factor`. `state_dict()` / `load_state_dict()` here hold the weights, optimiser,
+    schedule and step; subclasses add their own entries.
     """
 
     name: ClassVar[str] = ""
@@ -185,6 +245,7 @@ class SupernetTrainer:
         self.config = config
         self.device = torch.device(device)
         self.collective = collective or LocalCollective()
+        # bf16 autocast needs Ampere or newer; older GPUs train in fp32.
         self.use_amp = (config.amp and self.device.type == "cuda"
                         and torch.cuda.is_bf16_supported())
         self.channels_last = config.channels_last and self.device.type == "cuda"
@@ -196,7 +257,13 @@ class SupernetTrainer:
         self.step_count = 0
         table = space.flops_table()
         self._flops_table, self._flops_fixed = table.as_tensor(), float(table.fixed)
-        self._build_weight_optimizer(config.total_steps, config.warmup_steps)
+        self._build_optimizers()
+
+    # -- optimisers and the learning rate -------------------------------------------------------
+    def _build_optimizers(self) -> None:
+        """The weight optimiser over the supernet's trainable parameters, with the run's
+        schedule (subclasses add theirs, e.g. alpha's Adam)."""
+        self._build_weight_optimizer(self.config.total_steps, self.config.warmup_steps)
 
     def _build_weight_optimizer(self, total_steps: int, warmup_steps: int) -> None:
         cfg = self.config
@@ -204,7 +271,16 @@ class SupernetTrainer:
                                           lr=cfg.lr, momentum=cfg.momentum)
         self._schedule = (total_steps, warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.weight_opt, warmup_cosine(total_steps, warmup_steps))
+            self.weight_opt, lambda step: self.lr_factor(step))
+
+    def lr_factor(self, step: int) -> float:
+        """The weight learning rate at `step` over `lr`: warm-up, then cosine to 0."""
+        return warmup_cosine(*self._schedule)(step)
+
+    def _refresh_lr(self) -> None:
+        """Set this run's learning rate (a resize may change `lr`) at the scheduler's step."""
+        for group in self.weight_opt.param_groups:
+            group["lr"] = self.config.lr * self.lr_factor(self.scheduler.last_epoch)
 
     # -- the architecture distribution (subclasses override) ------------------------------------
     def probs(self) -> torch.Tensor:
@@ -234,7 +310,7 @@ class SupernetTrainer:
         return images
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(_at_least_fp32(logits), labels,
+        return F.cross_entropy(at_least_fp32(logits), labels,
                                label_smoothing=self.config.label_smoothing)
 
     def _autocast(self):
@@ -253,22 +329,16 @@ class SupernetTrainer:
                           extra: torch.Tensor | None = None) -> torch.Tensor | None:
         """Average the `.grad` of `params` (None counts as zeros) and `extra` over ranks, in one
         all-reduce; returns the averaged `extra` (on the CPU). Every rank passes the same list."""
-        world = self.collective.world_size
-        if world == 1:
+        if self.collective.world_size == 1:
             return extra
         params = list(params)
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                 for p in params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if extra is not None:
-            parts.append(extra.to(self.device, torch.float32).reshape(-1))
-        flat = torch.cat(parts)
-        self.collective.all_reduce_sum(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-        return None if extra is None else flat[offset:].view_as(extra).cpu().to(extra.dtype)
+            grads.append(extra.to(self.device, torch.float32))
+        averaged = mean_over_ranks(grads, self.collective)
+        for p, grad in zip(params, averaged):
+            p.grad = grad.to(p.dtype, copy=True)
+        return None if extra is None else averaged[-1].cpu().to(extra.dtype)
 
     def _weight_step(self) -> None:
         self.weight_opt.step()
@@ -292,13 +362,13 @@ class SupernetTrainer:
         return loss, logits
 
     def _stats(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-               path: list[int], searching: bool) -> StepStats:
+               path: list[int], searching: bool, newly_frozen: Sequence[int] = ()) -> StepStats:
         return StepStats(
             step=self.step_count, loss=loss.detach(),
             correct=(logits.detach().argmax(-1) == labels).sum(), batch_size=len(labels),
             path=path, expected_flops=self.expected_flops(), entropy=self.entropy(),
-            num_frozen=len(self.frozen), lr=self.weight_opt.param_groups[0]["lr"],
-            searching=searching)
+            num_frozen=len(self.frozen), newly_frozen=list(newly_frozen),
+            lr=self.weight_opt.param_groups[0]["lr"], searching=searching)
 
     # -- results -------------------------------------------------------------------------------
     def export_child(self, arch: list[int] | None = None) -> ChildNet:
@@ -311,12 +381,10 @@ class SupernetTrainer:
         """Logits of the argmax (or given) architecture, eval mode."""
         self.supernet.eval()
         with self._autocast():
-            return _at_least_fp32(self.supernet(self._prepare(images), arch or self.argmax_arch()))
+            return at_least_fp32(self.supernet(self._prepare(images), arch or self.argmax_arch()))
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return {
             "strategy": self.name, "space": self.space.to_dict(), "config": asdict(self.config),
             "step": self.step_count, "frozen": dict(self.frozen),
@@ -325,96 +393,39 @@ class SupernetTrainer:
             "scheduler": self.scheduler.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the weights, optimiser and schedule. Subclasses restore their own part
-        first when it changes the supernet's shape (a pruned final phase)."""
-        if state.get("strategy") != self.name:
-            raise ValueError(f"checkpoint was written by strategy {state.get('strategy')!r}, "
+    def check_checkpoint(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another strategy or space, with what differs. Checkpoints
+        from before the `strategy` key existed were all written by DSNAS."""
+        written_by = state.get("strategy", "dsnas")
+        if written_by != self.name:
+            raise ValueError(f"checkpoint was written by strategy {written_by!r}, "
                              f"this run uses search.strategy = {self.name!r}")
         if SearchSpace.from_dict(state["space"]) != self.space:
             raise ValueError("checkpoint was written for a different search space: "
                              f"{state['space']} != {self.space.to_dict()}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the weights, optimiser and schedule. Subclasses restore their own part
+        first when it changes the supernet's shape (pruned layers, a final phase)."""
+        self.check_checkpoint(state)
         self.supernet.load_state_dict(state["supernet"])
-        self._build_weight_optimizer(*state["schedule"])
+        self._rebuild_optimizers(state)
         self.weight_opt.load_state_dict(state["weight_opt"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
         # This run's learning rate (a resize may change it), at the restored step.
-        factor = warmup_cosine(*self._schedule)
         self.scheduler.base_lrs = [self.config.lr] * len(self.weight_opt.param_groups)
+        self._refresh_lr()
         for group in self.weight_opt.param_groups:
-            group["lr"] = self.config.lr * factor(self.scheduler.last_epoch)
             group["initial_lr"] = self.config.lr
+
+    def _rebuild_optimizers(self, state: dict[str, Any]) -> None:
+        """The optimisers over the restored parameters, with the checkpoint's schedule, before
+        their states are loaded."""
+        self._build_weight_optimizer(*state["schedule"])
 
     def num_weight_parameters(self) -> int:
         return sum(p.numel() for p in self.supernet.parameters())
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-class TensorBatches:
-    """`SearchData` over in-memory tensors, for one process (tests, `raydsnas.analysis`).
-
-    `train(epoch)` yields `batch_size` slices of a permutation seeded by epoch; `evaluate`
-    runs the whole validation split (or, `split="select"`, the selection split).
-    `selection_fraction` > 0 holds those training samples out (sample i's key is
-    `index_key(i)`, `raydsnas.data.selection`): `train` never yields them and `select_indices`
-    lists them (positions in the given training tensors; `train_indices` the rest).
-    """
-
-    def __init__(self, train: Batch, val: Batch, batch_size: int, seed: int = 0,
-                 selection_fraction: float = 0.0):
-        images, labels = train
-        held_out = torch.from_numpy(index_selection_mask(len(labels), selection_fraction))
-        if selection_fraction and not held_out.any():
-            raise ValueError(f"selection_fraction = {selection_fraction} holds out none of the "
-                             f"{len(labels)} training samples")
-        self.train_indices = torch.nonzero(~held_out).flatten()
-        self.select_indices = torch.nonzero(held_out).flatten()
-        if selection_fraction:
-            self.train_images, self.train_labels = images[~held_out], labels[~held_out]
-        else:
-            self.train_images, self.train_labels = images, labels
-        self.select_images, self.select_labels = images[held_out], labels[held_out]
-        self.val_images, self.val_labels = val
-        self.batch_size, self.seed = batch_size, seed
-        self.selection_fraction = selection_fraction
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train_labels) // self.batch_size)
-
-    def train(self, epoch: int, limit: int | None = None) -> Iterator[Batch]:
-        order = torch.randperm(len(self.train_labels),
-                               generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        steps = min(self.steps_per_epoch, limit or self.steps_per_epoch)
-        for t in range(steps):
-            idx = order[t * self.batch_size:(t + 1) * self.batch_size]
-            yield self.train_images[idx], self.train_labels[idx]
-
-    @torch.no_grad()
-    def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor],
-                 collective: Collective | None = None, prefix: str | None = None,
-                 split: str = "val") -> dict[str, float]:
-        if split == "val":
-            images, labels = self.val_images, self.val_labels
-        elif split == "select":
-            if not self.selection_fraction:
-                raise ValueError("no selection split to evaluate on: build TensorBatches with "
-                                 "selection_fraction > 0")
-            images, labels = self.select_images, self.select_labels
-        else:
-            raise ValueError(f"split = {split!r}: expected 'val' or 'select'")
-        prefix = split if prefix is None else prefix
-        sums = torch.zeros(4, dtype=torch.float64)
-        for i in range(0, len(labels), self.batch_size):
-            sums += accuracy_sums(forward(images[i:i + self.batch_size]),
-                                  labels[i:i + self.batch_size])
-        acc = accuracy_from_sums(sums)
-        return {f"{prefix}_top1": acc.top1, f"{prefix}_top5": acc.top5,
-                f"{prefix}_loss": acc.loss, f"{prefix}_samples": acc.count}
 
 
 class AlphaSearch(SupernetTrainer):
@@ -424,10 +435,7 @@ class AlphaSearch(SupernetTrainer):
     def __init__(self, space: SearchSpace, config, *, device: torch.device | str = "cpu",
                  collective: Collective | None = None):
         super().__init__(space, config, device=device, collective=collective)
-        generator = torch.Generator().manual_seed(config.seed)
-        init = 1 + config.alpha_init_std * torch.randn(space.num_layers, space.num_choices,
-                                                       generator=generator)
-        self.alpha = nn.Parameter(init)
+        self.alpha = nn.Parameter(initial_alpha(space, config))
         self.alpha_opt = torch.optim.Adam([self.alpha], lr=config.alpha_lr,
                                           betas=tuple(config.alpha_betas), weight_decay=0.0)
 

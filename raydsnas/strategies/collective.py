@@ -2,14 +2,18 @@
 
 `LocalCollective` is world size 1 (no communication). `TorchDistributedCollective` wraps an
 initialised `torch.distributed` process group (gloo on CPU, NCCL on GPU), which is what Ray
-Train sets up for each worker.
+Train sets up for each worker. `mean_over_ranks` is the one routine that averages tensors over
+ranks (gradients, BatchNorm statistics); `average_bn_buffers` applies it to a module's
+BatchNorm running statistics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+from torch import nn
 
 
 class Collective(Protocol):
@@ -60,3 +64,27 @@ def default_collective() -> Collective:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return TorchDistributedCollective()
     return LocalCollective()
+
+
+def mean_over_ranks(tensors: Sequence[torch.Tensor], collective: Collective) -> list[torch.Tensor]:
+    """Each tensor's mean over ranks, in float32, from one all-reduce of them all flattened
+    together: views of one buffer, shaped as the inputs (which all live on one device). World
+    size 1: the tensors themselves."""
+    if collective.world_size == 1:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    collective.all_reduce_sum(flat)
+    flat /= collective.world_size
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view(t.shape) for part, t in zip(parts, tensors)]
+
+
+def average_bn_buffers(module: nn.Module, collective: Collective) -> None:
+    """Average BatchNorm running statistics over ranks, so that every rank (and the checkpoint
+    rank 0 writes) holds the same, better-estimated statistics."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var) if b is not None]
+    if collective.world_size == 1 or not buffers:
+        return
+    for buffer, mean in zip(buffers, mean_over_ranks(buffers, collective)):
+        buffer.copy_(mean)

@@ -12,20 +12,26 @@ candidates are pruned from the supernet and from both optimisers (progressive ea
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
 from raydsnas.space import SearchSpace
-from raydsnas.space.child import ChildNet
-from raydsnas.strategies.collective import Collective, LocalCollective
-from raydsnas.strategies.optim import drop_params, warmup_cosine, weight_param_groups
+from raydsnas.strategies.base import (
+                                      StepStats,
+                                      SupernetTrainer,
+                                      TrainingConfig,
+                                      check,
+                                      expected_flops,
+                                      initial_alpha,
+                                      sampling_seed,
+)
+from raydsnas.strategies.collective import Collective
+from raydsnas.strategies.optim import drop_params, warmup_cosine
 
 SAMPLING_POLICIES = ("shared", "per_rank")
 CHILD_SCHEDULES = ("restart", "continue")
@@ -35,7 +41,7 @@ CREDIT_DECAY = 0.98  # the credit diagnostic's running mean spans ~50 steps
 
 
 @dataclass
-class DSNASConfig:
+class DSNASConfig(TrainingConfig):
     """Hyper-parameters of the DSNAS search (defaults: the paper's ImageNet recipe).
 
     `lr` is the weight learning rate for the *global* batch (the paper: 0.5 at batch 1024; the
@@ -88,16 +94,9 @@ class DSNASConfig:
     """
 
     h: float = 0.3
-    lr: float = 0.5
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
     alpha_lr: float = 1e-3
     alpha_betas: tuple[float, float] = (0.5, 0.999)
     alpha_init_std: float = 0.01
-    label_smoothing: float = 0.1
-    epochs: float = 240
-    steps_per_epoch: int = 1
-    warmup_epochs: float = 5
     pretrain_epochs: float = 0
     freeze_check_every: int | None = None
     freeze_by: float | None = 1 / 3
@@ -107,59 +106,36 @@ class DSNASConfig:
     flops_budget: float | None = None
     flops_coef: float = 1.0
     sampling: str = "shared"
-    seed: int = 0
-    amp: bool = True
-    channels_last: bool = True
 
     def __post_init__(self) -> None:
-        self.alpha_betas = tuple(self.alpha_betas)
-        _check(0 < self.h <= 1, "h", self.h, "a number in (0, 1]")
-        _check(self.lr > 0, "lr", self.lr, "a number > 0")
-        _check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.alpha_lr >= 0, "alpha_lr", self.alpha_lr, "a number >= 0")
-        _check(len(self.alpha_betas) == 2 and all(0 <= b < 1 for b in self.alpha_betas),
-               "alpha_betas", self.alpha_betas, "two numbers in [0, 1)")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
-               "a number in [0, 1)")
-        _check(self.epochs > 0, "epochs", self.epochs, "a number > 0")
-        _check(self.steps_per_epoch >= 1, "steps_per_epoch", self.steps_per_epoch,
-               "an integer >= 1")
-        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
-               "a number >= 0 (longer than the run: warm-up over the whole run)")
-        _check(0 <= self.pretrain_epochs <= self.epochs, "pretrain_epochs", self.pretrain_epochs,
+        super().__post_init__()
+        check(0 < self.h <= 1, "h", self.h, "a number in (0, 1]")
+        self.check_alpha_optimizer()
+        check(0 <= self.pretrain_epochs <= self.epochs, "pretrain_epochs", self.pretrain_epochs,
                f"a number in [0, epochs={self.epochs}]")
-        _check(self.freeze_check_every is None or self.freeze_check_every >= 1,
+        check(self.freeze_check_every is None or self.freeze_check_every >= 1,
                "freeze_check_every", self.freeze_check_every, "null (every epoch) or an integer >= 1")
-        _check(self.freeze_by is None or (self.freeze_by > 0 and self.freeze_epoch is not None
+        check(self.freeze_by is None or (self.freeze_by > 0 and self.freeze_epoch is not None
                                           and self.freeze_epoch <= self.epochs),
                "freeze_by", self.freeze_by, f"null, a whole epoch in [1, epochs={self.epochs}] "
                "or a fraction of the run in (0, 1)")
-        _check(self.freeze_by is None or self.freeze_epoch > self.pretrain_epochs, "freeze_by",
+        check(self.freeze_by is None or self.freeze_epoch > self.pretrain_epochs, "freeze_by",
                self.freeze_by, f"a deadline after pretrain_epochs = {self.pretrain_epochs} "
                "(alpha does not move before)")
-        _check(self.child_schedule in CHILD_SCHEDULES, "child_schedule", self.child_schedule,
+        check(self.child_schedule in CHILD_SCHEDULES, "child_schedule", self.child_schedule,
                f"one of {list(CHILD_SCHEDULES)}")
-        _check(self.child_start in CHILD_STARTS, "child_start", self.child_start,
+        check(self.child_start in CHILD_STARTS, "child_start", self.child_start,
                f"one of {list(CHILD_STARTS)}")
-        _check(self.child_start == "inherit" or self.child_schedule == "restart", "child_start",
+        check(self.child_start == "inherit" or self.child_schedule == "restart", "child_start",
                self.child_start, "'inherit' with child_schedule = 'continue' (a rewound child "
                "needs its own schedule: child_schedule = 'restart')")
-        _check(self.idle_grad in IDLE_GRADS, "idle_grad", self.idle_grad,
+        check(self.idle_grad in IDLE_GRADS, "idle_grad", self.idle_grad,
                f"one of {list(IDLE_GRADS)}")
-        _check(self.flops_budget is None or self.flops_budget > 0, "flops_budget",
+        check(self.flops_budget is None or self.flops_budget > 0, "flops_budget",
                self.flops_budget, "null or a number > 0 (multiply-adds)")
-        _check(self.flops_coef >= 0, "flops_coef", self.flops_coef, "a number >= 0")
-        _check(self.sampling in SAMPLING_POLICIES, "sampling", self.sampling,
+        check(self.flops_coef >= 0, "flops_coef", self.flops_coef, "a number >= 0")
+        check(self.sampling in SAMPLING_POLICIES, "sampling", self.sampling,
                f"one of {list(SAMPLING_POLICIES)}")
-
-    @property
-    def total_steps(self) -> int:
-        return max(1, round(self.epochs * self.steps_per_epoch))
-
-    @property
-    def warmup_steps(self) -> int:
-        return min(self.total_steps, round(self.warmup_epochs * self.steps_per_epoch))
 
     @property
     def pretrain_steps(self) -> int:
@@ -185,19 +161,6 @@ class DSNASConfig:
         epoch = self.freeze_epoch
         return None if epoch is None else epoch * self.steps_per_epoch
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DSNASConfig:
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"search: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-        return cls(**data)
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"search.{key} = {value!r} is not allowed; expected {allowed}")
-
 
 def dsnas_alpha_grad(onehot: torch.Tensor, probs: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     """The DSNAS architecture gradient `(onehot - p) * c` for `[L, n]` one-hots and probs, `[L]` costs.
@@ -208,34 +171,7 @@ def dsnas_alpha_grad(onehot: torch.Tensor, probs: torch.Tensor, cost: torch.Tens
     return (onehot - probs) * cost.unsqueeze(-1)
 
 
-def expected_flops(probs: torch.Tensor, table: torch.Tensor, fixed: float) -> torch.Tensor:
-    """E_p[FLOPs] = fixed + sum_l sum_k p_lk F_lk (differentiable in `probs`)."""
-    return fixed + (probs * table).sum()
-
-
-def sampling_seed(seed: int, step: int, rank: int) -> int:
-    """A seed for step `step`'s path: the same on every rank for `rank=0` (shared policy)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
-
-
-@dataclass
-class StepStats:
-    """What one search step reports. Tensors stay on the device until the caller reads them."""
-
-    step: int
-    loss: torch.Tensor
-    correct: torch.Tensor
-    batch_size: int
-    path: list[int]
-    expected_flops: float
-    entropy: float
-    num_frozen: int
-    newly_frozen: list[int] = field(default_factory=list)
-    lr: float = 0.0
-    searching: bool = True
-
-
-class DSNAS:
+class DSNAS(SupernetTrainer):
     """Supernet weights, alpha, both optimisers, the schedule and the frozen set of one search.
 
     `step(images, labels)` is one DSNAS iteration; `state_dict()` / `load_state_dict()` hold
@@ -247,46 +183,27 @@ class DSNAS:
 
     def __init__(self, space: SearchSpace, config: DSNASConfig | None = None, *,
                  device: torch.device | str = "cpu", collective: Collective | None = None):
-        self.space = space
-        self.config = config or DSNASConfig()
-        self.device = torch.device(device)
-        self.collective = collective or LocalCollective()
-        # bf16 autocast needs Ampere or newer; older GPUs train in fp32.
-        self.use_amp = (self.config.amp and self.device.type == "cuda"
-                        and torch.cuda.is_bf16_supported())
-        self.channels_last = self.config.channels_last and self.device.type == "cuda"
-
-        generator = torch.Generator().manual_seed(self.config.seed)
-        torch.manual_seed(self.config.seed)  # weight init: identical on every rank
-        self.supernet = space.supernet().to(self.device)
-        if self.channels_last:
-            self.supernet = self.supernet.to(memory_format=torch.channels_last)
-        init = 1 + self.config.alpha_init_std * torch.randn(
-            space.num_layers, space.num_choices, generator=generator)
+        config = config or DSNASConfig()
         # One parameter per layer, so a frozen layer leaves the alpha optimiser entirely.
-        self.alpha = nn.ParameterList(nn.Parameter(row) for row in init)
-        self.frozen: dict[int, int] = {}
+        self.alpha = nn.ParameterList(nn.Parameter(row) for row in initial_alpha(space, config))
         self.forced: list[int] = []  # layers frozen by the `freeze_by` deadline, not by h
         self.search_end_step: int | None = None  # the step after which every layer was frozen
-        self.step_count = 0
+        super().__init__(space, config, device=device, collective=collective)
         # The credit diagnostic: a running mean of |c_l| per layer (on the device, read when
         # logged), with its bias-correction weight.
         self._credit = torch.zeros(2, space.num_layers, dtype=torch.float64, device=self.device)
-        flops = space.flops_table()
-        self._flops_table = flops.as_tensor()
-        self._flops_fixed = float(flops.fixed)
-        self._build_optimizers()
 
     # -- optimisers ----------------------------------------------------------------------------
     def _build_optimizers(self) -> None:
+        """SGD over the surviving weights and Adam over the rows of the searched layers."""
         cfg = self.config
-        self.weight_opt = torch.optim.SGD(
-            weight_param_groups(self.supernet, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+        self._build_weight_optimizer(cfg.total_steps, cfg.warmup_steps)
         rows = [self.alpha[l] for l in self.searchable_layers()]
         self.alpha_opt = torch.optim.Adam(rows, lr=cfg.alpha_lr, betas=cfg.alpha_betas,
                                           weight_decay=0.0) if rows else None
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.weight_opt, lambda step: self.lr_factor(step))
+
+    def _rebuild_optimizers(self, state: dict[str, Any]) -> None:
+        self._build_optimizers()  # over the surviving parameters, in the order they were saved
 
     def lr_factor(self, step: int) -> float:
         """The weight learning rate at `step` over `lr`: warm-up and cosine over the run, and
@@ -314,10 +231,6 @@ class DSNAS:
             return self.search_end_step
         return max(self.search_end_step, self.config.warmup_steps)
 
-    def _refresh_lr(self) -> None:
-        for group in self.weight_opt.param_groups:
-            group["lr"] = self.config.lr * self.lr_factor(self.scheduler.last_epoch)
-
     # -- the distribution ----------------------------------------------------------------------
     def alpha_matrix(self) -> torch.Tensor:
         return torch.stack([a.detach() for a in self.alpha])
@@ -336,17 +249,6 @@ class DSNAS:
     def searching(self) -> bool:
         """False during uniform pre-training, where alpha does not move and nothing freezes."""
         return self.step_count >= self.config.pretrain_steps
-
-    def entropy(self) -> float:
-        """Mean entropy (nats) of the per-layer distributions; a frozen layer counts as 0."""
-        return float(entropy_per_layer(self.probs()).mean())
-
-    def expected_flops(self) -> float:
-        return float(expected_flops(self.probs().double(), self._flops_table, self._flops_fixed))
-
-    def argmax_arch(self) -> list[int]:
-        arch = self.probs().argmax(-1).tolist()
-        return [self.frozen.get(l, k) for l, k in enumerate(arch)]
 
     def sample_path(self) -> list[int]:
         """One candidate per layer: frozen layers their choice, the others Z ~ Categorical(p).
@@ -389,12 +291,7 @@ class DSNAS:
         if searching and self.step_count % self.config.freeze_interval == 0:
             newly = self.freeze_settled_layers()
         newly += self._apply_deadline()
-        return StepStats(
-            step=self.step_count, loss=loss.detach(),
-            correct=(logits.detach().argmax(-1) == labels).sum(), batch_size=len(labels),
-            path=path, expected_flops=self.expected_flops(), entropy=self.entropy(),
-            num_frozen=len(self.frozen), newly_frozen=newly,
-            lr=self.weight_opt.param_groups[0]["lr"], searching=searching)
+        return self._stats(loss, logits, labels, path, searching, newly_frozen=newly)
 
     def compute_gradients(self, images: torch.Tensor, labels: torch.Tensor,
                           path: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -404,16 +301,14 @@ class DSNAS:
         frozen layers and during uniform pre-training (no dummy multipliers there).
         """
         self.supernet.train()
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self._prepare(images)
         track = self.searching
         ones = [torch.ones((), device=self.device, requires_grad=True)
                 if track and l not in self.frozen else None for l in range(len(path))]
         with record_function("raydsnas.forward"):
             with self._autocast():
                 logits = self.supernet(images, path, ones)
-            loss = F.cross_entropy(_at_least_fp32(logits), labels,
-                                   label_smoothing=self.config.label_smoothing)
+            loss = self._loss(logits, labels)
         # Idle candidates keep their zero gradients with `idle_grad: zero` (see _zero_idle_gradients).
         self.weight_opt.zero_grad(set_to_none=self.config.idle_grad == "none")
         with record_function("raydsnas.backward"):
@@ -529,8 +424,7 @@ class DSNAS:
         A candidate that only some ranks ran contributes zeros from the others, so every
         gradient is that of the mean loss over the global batch. Returns the averaged alpha grad.
         """
-        world = self.collective.world_size
-        if world == 1:
+        if self.collective.world_size == 1:
             return alpha_grad
         used = F.one_hot(torch.tensor(path), self.space.num_choices).float()
         if self.config.sampling == "per_rank":
@@ -540,15 +434,7 @@ class DSNAS:
         params = list(self.supernet.stem.parameters()) + list(self.supernet.head.parameters())
         for l, k in zip(*torch.nonzero(used, as_tuple=True)):
             params += self.supernet.candidate_parameters(int(l), int(k))
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in params] + [alpha_grad.to(self.device).float().reshape(-1)])
-        self.collective.all_reduce_sum(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-        return flat[offset:].view_as(alpha_grad)
+        return self.average_gradients(params, alpha_grad)
 
     # -- progressive early stop ----------------------------------------------------------------
     def freeze_settled_layers(self) -> list[int]:
@@ -576,52 +462,20 @@ class DSNAS:
         """The loop's hook after the last search epoch: nothing to do (no separate stage)."""
         return {}
 
-    # -- results -------------------------------------------------------------------------------
-    def export_child(self, arch: list[int] | None = None) -> ChildNet:
-        """The argmax (or given) architecture as a standalone `ChildNet` with trained weights."""
-        arch = self.argmax_arch() if arch is None else arch
-        child = self.supernet.extract_child(arch)
-        return child.to(memory_format=torch.contiguous_format)
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, arch: list[int] | None = None) -> torch.Tensor:
-        """Logits of the argmax (or given) architecture, eval mode."""
-        self.supernet.eval()
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            return _at_least_fp32(self.supernet(images, arch or self.argmax_arch()))
-
-    def _autocast(self):
-        if self.use_amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "strategy": self.name,
+            **super().state_dict(),
             "forced": list(self.forced),
             "search_end_step": self.search_end_step,
             "credit": self._credit.cpu().clone(),
-            "space": self.space.to_dict(),
-            "config": asdict(self.config),
-            "step": self.step_count,
-            "frozen": dict(self.frozen),
-            "alpha": self.alpha_matrix().clone(),
-            "supernet": self.supernet.state_dict(),
-            "weight_opt": self.weight_opt.state_dict(),
             "alpha_opt": self.alpha_opt.state_dict() if self.alpha_opt is not None else None,
-            "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("strategy", self.name) != self.name:
-            raise ValueError(f"checkpoint was written by strategy {state.get('strategy')!r}, "
-                             f"this run uses search.strategy = {self.name!r}")
-        if SearchSpace.from_dict(state["space"]) != self.space:
-            raise ValueError("checkpoint was written for a different search space: "
-                             f"{state['space']} != {self.space.to_dict()}")
+        """The frozen layers pruned and alpha restored first (they shape the supernet and the
+        optimisers), then the base's weights, optimisers and schedule."""
+        self.check_checkpoint(state)
         for l, k in sorted((int(l), int(k)) for l, k in state["frozen"].items()):
             if l not in self.frozen:
                 self.frozen[l] = k
@@ -630,36 +484,14 @@ class DSNAS:
         with torch.no_grad():
             for l, row in enumerate(state["alpha"]):
                 self.alpha[l].copy_(row)
-        self.supernet.load_state_dict(state["supernet"])
-        self._build_optimizers()  # over the surviving parameters, in the order they were saved
-        self.weight_opt.load_state_dict(state["weight_opt"])
-        if self.alpha_opt is not None:
-            self.alpha_opt.load_state_dict(state["alpha_opt"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step_count = int(state["step"])
         # Written before the search deadline existed: no layer was forced, the search ran on.
         self.forced = [int(l) for l in state.get("forced", [])]
         end = state.get("search_end_step")
         self.search_end_step = None if end is None else int(end)
+        super().load_state_dict(state)
+        if self.alpha_opt is not None:
+            self.alpha_opt.load_state_dict(state["alpha_opt"])
+            for group in self.alpha_opt.param_groups:
+                group["lr"] = self.config.alpha_lr
         if state.get("credit") is not None:
             self._credit = state["credit"].to(self.device, torch.float64)
-        # The learning rates are this run's (a resize may change them), at the restored step.
-        self.scheduler.base_lrs = [self.config.lr] * len(self.weight_opt.param_groups)
-        self._refresh_lr()
-        for group in self.weight_opt.param_groups:
-            group["initial_lr"] = self.config.lr
-        for group in self.alpha_opt.param_groups if self.alpha_opt is not None else []:
-            group["lr"] = self.config.alpha_lr
-
-    def num_weight_parameters(self) -> int:
-        return sum(p.numel() for p in self.supernet.parameters())
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def entropy_per_layer(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row of `[L, n]` probabilities."""
-    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from raydsnas.space import SearchSpace
-from raydsnas.strategies.base import SupernetTrainer, TrainingConfig
+from raydsnas.strategies.base import StepStats, SupernetTrainer, TrainingConfig
 from raydsnas.strategies.collective import Collective
-from raydsnas.strategies.dsnas import StepStats
 
 
 def resolve_arch(space: SearchSpace, arch: Sequence[int | str] | None) -> list[int]:

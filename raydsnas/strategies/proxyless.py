@@ -36,9 +36,15 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from raydsnas.space import SearchSpace
-from raydsnas.strategies.base import AlphaSearch, TrainingConfig, forward_layers
+from raydsnas.strategies.base import (
+    AlphaSearch,
+    StepStats,
+    TrainingConfig,
+    check,
+    forward_layers,
+    sampling_seed,
+)
 from raydsnas.strategies.collective import Collective
-from raydsnas.strategies.dsnas import StepStats, _check, sampling_seed
 
 
 @dataclass
@@ -61,7 +67,7 @@ class ProxylessConfig(TrainingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_alpha_optimizer()
-        _check(0 <= self.arch_warmup_epochs <= self.epochs, "arch_warmup_epochs",
+        check(0 <= self.arch_warmup_epochs <= self.epochs, "arch_warmup_epochs",
                self.arch_warmup_epochs, f"a number in [0, epochs={self.epochs}]")
 
     @property

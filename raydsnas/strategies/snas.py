@@ -27,9 +27,15 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from raydsnas.space import SearchSpace
-from raydsnas.strategies.base import AlphaSearch, TrainingConfig, forward_layers
+from raydsnas.strategies.base import (
+    AlphaSearch,
+    StepStats,
+    TrainingConfig,
+    check,
+    forward_layers,
+    sampling_seed,
+)
 from raydsnas.strategies.collective import Collective
-from raydsnas.strategies.dsnas import StepStats, _check, sampling_seed
 
 TAU_SCHEDULES = ("exponential", "linear", "constant")
 
@@ -59,9 +65,9 @@ class SNASConfig(TrainingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_alpha_optimizer()
-        _check(self.tau_start > 0, "tau_start", self.tau_start, "a number > 0")
-        _check(self.tau_end > 0, "tau_end", self.tau_end, "a number > 0")
-        _check(self.tau_schedule in TAU_SCHEDULES, "tau_schedule", self.tau_schedule,
+        check(self.tau_start > 0, "tau_start", self.tau_start, "a number > 0")
+        check(self.tau_end > 0, "tau_end", self.tau_end, "a number > 0")
+        check(self.tau_schedule in TAU_SCHEDULES, "tau_schedule", self.tau_schedule,
                f"one of {list(TAU_SCHEDULES)}")
 
 

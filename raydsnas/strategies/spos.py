@@ -51,9 +51,16 @@ from torch import nn
 
 from raydsnas.evaluation import recalibrate_bn
 from raydsnas.space import SearchSpace
-from raydsnas.strategies.base import SearchData, SupernetTrainer, TrainingConfig, sample_in_band
-from raydsnas.strategies.collective import Collective
-from raydsnas.strategies.dsnas import StepStats, _check, sampling_seed
+from raydsnas.strategies.base import (
+    SearchData,
+    StepStats,
+    SupernetTrainer,
+    TrainingConfig,
+    check,
+    sample_in_band,
+    sampling_seed,
+)
+from raydsnas.strategies.collective import Collective, average_bn_buffers
 
 FINAL_PHASES = ("none", "finetune", "retrain")
 
@@ -89,21 +96,21 @@ class OneShotConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 < self.selection_fraction <= 0.5, "selection_fraction",
+        check(0 < self.selection_fraction <= 0.5, "selection_fraction",
                self.selection_fraction, "a number in (0, 0.5]")
         for key in ("flops_min", "flops_max", "flops_limit"):
             value = getattr(self, key)
-            _check(value is None or value > 0, key, value, "null or a number > 0 (multiply-adds)")
-        _check(self.flops_min is None or self.flops_max is None or self.flops_min <= self.flops_max,
+            check(value is None or value > 0, key, value, "null or a number > 0 (multiply-adds)")
+        check(self.flops_min is None or self.flops_max is None or self.flops_min <= self.flops_max,
                "flops_min", self.flops_min, f"a number <= flops_max ({self.flops_max})")
-        _check(self.bn_batches >= 0, "bn_batches", self.bn_batches, "an integer >= 0")
-        _check(self.final_phase in FINAL_PHASES, "final_phase", self.final_phase,
+        check(self.bn_batches >= 0, "bn_batches", self.bn_batches, "an integer >= 0")
+        check(self.final_phase in FINAL_PHASES, "final_phase", self.final_phase,
                f"one of {list(FINAL_PHASES)}")
-        _check(self.final_epochs >= (1 if self.final_phase != "none" else 0)
+        check(self.final_epochs >= (1 if self.final_phase != "none" else 0)
                and (self.final_phase != "none" or self.final_epochs == 0), "final_epochs",
                self.final_epochs, "an integer >= 1 with final_phase finetune/retrain, "
                "0 with final_phase none")
-        _check(self.final_warmup_epochs >= 0, "final_warmup_epochs", self.final_warmup_epochs,
+        check(self.final_warmup_epochs >= 0, "final_warmup_epochs", self.final_warmup_epochs,
                "a number >= 0")
 
     @property
@@ -138,10 +145,10 @@ class SPOSConfig(OneShotConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("population", "iterations", "top_k"):
-            _check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
+            check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
         for key in ("mutations", "crossovers"):
-            _check(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
-        _check(0 <= self.mutation_prob <= 1, "mutation_prob", self.mutation_prob,
+            check(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
+        check(0 <= self.mutation_prob <= 1, "mutation_prob", self.mutation_prob,
                "a number in [0, 1]")
 
 
@@ -157,7 +164,7 @@ class RandomSearchConfig(OneShotConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
 
 
 @dataclass
@@ -271,9 +278,9 @@ class SPOS(SupernetTrainer):
         cfg = self.config
         table = space.flops_table()
         low, high = table.total(table.smallest()), table.total(table.largest())
-        _check(cfg.flops_min is None or cfg.flops_min <= high, "flops_min", cfg.flops_min,
+        check(cfg.flops_min is None or cfg.flops_min <= high, "flops_min", cfg.flops_min,
                      f"a number <= {high}, the largest architecture's FLOPs in this space")
-        _check(cfg.flops_max is None or cfg.flops_max >= low, "flops_max", cfg.flops_max,
+        check(cfg.flops_max is None or cfg.flops_max >= low, "flops_max", cfg.flops_max,
                      f"a number >= {low}, the smallest architecture's FLOPs in this space")
         _Candidates(space, cfg.flops_limit, cfg.seed)  # checks the limit is reachable
         self.phase = "supernet"  # -> "searched" (no final phase) or "final"
@@ -319,10 +326,7 @@ class SPOS(SupernetTrainer):
             with self._autocast():
                 recalibrate_bn(self.supernet, bn_images,
                                forward=lambda x: self.supernet(self._prepare(x), arch))
-            if self.collective.world_size > 1:
-                from raydsnas.train.sync_bn import average_bn_buffers
-
-                average_bn_buffers(self.supernet, self.collective)
+            average_bn_buffers(self.supernet, self.collective)
         return data.evaluate(lambda x: self.predict(x, arch), self.collective, split="select")
 
     def search_architecture(self, fitness: Fitness) -> SearchResult:

@@ -49,7 +49,7 @@ class EventLog:
 
     def arch(self, step: int, probs: torch.Tensor, frozen: dict[int, int]) -> None:
         if self.writer is not None:
-            from raydsnas.strategies.dsnas import entropy_per_layer
+            from raydsnas.strategies.base import entropy_per_layer
 
             for layer, h in enumerate(entropy_per_layer(probs).tolist()):
                 self.writer.add_scalar(f"entropy/layer_{layer:02d}", h, step)

@@ -31,8 +31,9 @@ from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_b
 from raydsnas.export import save_child
 from raydsnas.strategies import Collective, build_strategy, default_collective
 from raydsnas.strategies.base import SearchStrategy
+from raydsnas.strategies.collective import average_bn_buffers
 from raydsnas.train.events import EventLog
-from raydsnas.train.sync_bn import average_bn_buffers, use_global_batch_norm
+from raydsnas.train.sync_bn import use_global_batch_norm
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
 from raydsnas.train.synthetic import SyntheticData
 

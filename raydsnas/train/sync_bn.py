@@ -56,22 +56,4 @@ def use_global_batch_norm(module: nn.Module) -> int:
     return switched
 
 
-def average_bn_buffers(module: nn.Module, collective) -> None:
-    """Average BatchNorm running statistics over ranks, so that every rank (and the checkpoint
-    rank 0 writes) holds the same, better-estimated statistics."""
-    if collective.world_size == 1:
-        return
-    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               for b in (m.running_mean, m.running_var) if b is not None]
-    if not buffers:
-        return
-    flat = torch.cat([b.reshape(-1).float() for b in buffers])
-    collective.all_reduce_sum(flat)
-    flat /= collective.world_size
-    offset = 0
-    for b in buffers:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
-        offset += b.numel()
-
-
-__all__ = ["GlobalBatchNorm2d", "average_bn_buffers", "use_global_batch_norm"]
+__all__ = ["GlobalBatchNorm2d", "use_global_batch_norm"]
