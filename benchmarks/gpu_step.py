@@ -44,7 +44,7 @@ GiB = 2**30
 
 
 def strategy_config(name: str, steps: int):
-    cls = STRATEGIES[name][0]
+    cls = STRATEGIES[name].config
     extra = {"h": 1.0} if name == "dsnas" else {}  # nothing freezes while we measure
     return cls(lr=0.5, epochs=1, steps_per_epoch=steps, warmup_epochs=0, **extra)
 

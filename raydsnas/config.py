@@ -12,6 +12,7 @@ same schedule whatever W is, and an elastic resize continues the same recipe.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from raydsnas.data.errors import DataSpecError
 from raydsnas.data.pipeline import DataSpec
 from raydsnas.space import SearchSpace
 from raydsnas.strategies import STRATEGIES as STRATEGY_REGISTRY
-from raydsnas.strategies.dsnas import DSNASConfig
+from raydsnas.strategies import TrainingConfig
 
 STRATEGIES = tuple(STRATEGY_REGISTRY)
 SPACE_PRESETS = ("cifar", "imagenet", "custom")
@@ -75,9 +76,9 @@ class SpaceSection:
 
 @dataclass(frozen=True)
 class SearchSection:
-    """The job-level part of `search`; every other key goes to the config dataclass of the
-    chosen `strategy` (`DSNASConfig`, `SNASConfig`, ...), kept in `dsnas` (the name predates
-    the baselines). `epochs` are the search epochs; a strategy may add epochs after them
+    """The job-level part of `search`; every other key belongs to the chosen `strategy`'s config
+    dataclass (`DSNASConfig`, `SNASConfig`, ...), held typed in `config` from the YAML to the
+    workers. `epochs` are the search epochs; a strategy may add epochs after them
     (SPOS/random `final_epochs`).
 
     Attributes:
@@ -105,30 +106,25 @@ class SearchSection:
     bn_recalibration_batches: int = 8
     log_every: int = 10
     max_steps_per_epoch: int | None = None
-    dsnas: Mapping[str, Any] = field(default_factory=dict)
+    # The strategy's config: `epochs` is this section's, `steps_per_epoch` 1 and `lr` the
+    # configured one until a worker knows its data and world size (`strategy_config`).
+    config: TrainingConfig = field(default_factory=lambda: STRATEGY_REGISTRY["dsnas"].config())
 
-    def dsnas_config(self, steps_per_epoch: int, lr: float) -> DSNASConfig:
-        return DSNASConfig.from_dict({**self.dsnas, "epochs": self.epochs,
-                                      "steps_per_epoch": steps_per_epoch, "lr": lr})
-
-    def strategy_config(self, steps_per_epoch: int, lr: float) -> Any:
-        """The chosen strategy's config dataclass (`DSNASConfig` for `dsnas`)."""
-        cls = STRATEGY_REGISTRY[self.strategy][0]
-        return cls.from_dict({**self.dsnas, "epochs": self.epochs,
-                              "steps_per_epoch": steps_per_epoch, "lr": lr})
+    def strategy_config(self, steps_per_epoch: int, lr: float) -> TrainingConfig:
+        """The strategy's config for a run: `steps_per_epoch` from the data, `lr` scaled to
+        the world's batch."""
+        return dataclasses.replace(self.config, steps_per_epoch=steps_per_epoch, lr=lr)
 
     @property
     def base_lr(self) -> float:
-        cls = STRATEGY_REGISTRY.get(self.strategy, (DSNASConfig,))[0]
-        return float(self.dsnas.get("lr", cls.lr))
+        """The weight learning rate as configured, for `lr_reference_batch`."""
+        return float(self.config.lr)
 
     @property
     def selection_fraction(self) -> float:
-        """The share of the training split held out as the selection split: the strategy's
-        `selection_fraction` (SPOS/random), 0 for strategies without that key."""
-        cls = STRATEGY_REGISTRY.get(self.strategy, (DSNASConfig,))[0]
-        return float(self.dsnas.get("selection_fraction",
-                                    getattr(cls, "selection_fraction", 0.0)))
+        """The share of the training split held out as the selection split (SPOS/random's
+        `selection_fraction`; 0 for strategies that do not choose on one)."""
+        return float(self.config.selection_share)
 
 
 @dataclass(frozen=True)
@@ -222,8 +218,8 @@ class JobConfig:
         space = {"preset": self.space.preset, "num_classes": self.space.num_classes,
                  **{k: v for k, v in built.items() if k != "num_classes"}}
         search = {f.name: getattr(self.search, f.name) for f in fields(SearchSection)
-                  if f.name != "dsnas"}
-        strategy = asdict(self.search.strategy_config(steps_per_epoch=1, lr=self.search.base_lr))
+                  if f.name != "config"}
+        strategy = asdict(self.search.config)
         search.update({k: v for k, v in strategy.items() if k not in ("epochs", "steps_per_epoch")})
         out = {"name": self.name, "space": space, "data": asdict(self.data), "search": search,
                "scaling": asdict(self.scaling),
@@ -330,13 +326,10 @@ def parse_config(raw: Mapping[str, Any]) -> JobConfig:
     except DataSpecError as err:
         raise ConfigError(str(err)) from None
     search = _parse_search(_section(raw, "search"))
-    if search.strategy == "fixed":  # the architecture must fit the space
-        from raydsnas.strategies.fixed import resolve_arch
-
-        try:
-            resolve_arch(space.build(10), search.dsnas.get("arch"))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    try:  # settings that must fit the space (fixed's `arch`)
+        search.config.check_space(space.build(10))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     scaling = _parse_scaling(_section(raw, "scaling"))
     storage_raw = raw.get("storage", {})
     if isinstance(storage_raw, str):
@@ -344,7 +337,7 @@ def parse_config(raw: Mapping[str, Any]) -> JobConfig:
     storage = _parse_storage(_mapping("storage", storage_raw))
     storage = StorageSection(anchor_local_storage(storage.uri), storage.options,
                              storage.keep_checkpoints)
-    if scaling.sync_bn and search.dsnas.get("sampling", "shared") == "per_rank":
+    if scaling.sync_bn and not search.config.same_path_on_every_rank:
         raise ConfigError("scaling.sync_bn = true is not allowed with search.sampling = "
                           "'per_rank': ranks run different blocks, so their BatchNorm "
                           "all-reduces would not match; use sampling 'shared' or sync_bn false")
@@ -423,7 +416,7 @@ def _parse_space(raw: dict) -> SpaceSection:
 
 
 def _parse_search(raw: dict) -> SearchSection:
-    job_keys = {f.name for f in fields(SearchSection)} - {"dsnas"}
+    job_keys = {f.name for f in fields(SearchSection)} - {"config"}
     job = {k: raw.pop(k) for k in list(raw) if k in job_keys}
     _check_types("search", SearchSection, job)
     strategy = job.get("strategy", SearchSection.strategy)
@@ -442,25 +435,26 @@ def _parse_search(raw: dict) -> SearchSection:
     if unknown:
         raise ConfigError(f"search: unknown key(s) {unknown}; allowed: "
                           f"{sorted(job_keys | own)}")
-    _check_types("search", STRATEGY_REGISTRY[strategy][0], raw)
-    section = SearchSection(**job, dsnas=raw)
+    _check_types("search", STRATEGY_REGISTRY[strategy].config, raw)
     for key in ("epochs", "global_batch_size", "lr_reference_batch", "eval_every",
                 "checkpoint_every", "log_every"):
-        _check_range(f"search.{key}", getattr(section, key), 1)
-    _check_range("search.bn_recalibration_batches", section.bn_recalibration_batches, 0)
-    if section.max_steps_per_epoch is not None:
-        _check_range("search.max_steps_per_epoch", section.max_steps_per_epoch, 1)
+        _check_range(f"search.{key}", job.get(key, getattr(SearchSection, key)), 1)
+    _check_range("search.bn_recalibration_batches",
+                 job.get("bn_recalibration_batches", SearchSection.bn_recalibration_batches), 0)
+    if job.get("max_steps_per_epoch") is not None:
+        _check_range("search.max_steps_per_epoch", job["max_steps_per_epoch"], 1)
     try:
-        section.strategy_config(steps_per_epoch=1, lr=section.base_lr)
+        config = STRATEGY_REGISTRY[strategy].config(
+            **raw, epochs=job.get("epochs", SearchSection.epochs), steps_per_epoch=1)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return section
+    return SearchSection(**job, config=config)
 
 
 def _strategy_keys(strategy: str) -> set[str]:
     """The `search` keys of one strategy's config (epochs and steps come from the job)."""
-    return {f.name for f in fields(STRATEGY_REGISTRY[strategy][0])} - {"epochs",
-                                                                       "steps_per_epoch"}
+    return {f.name for f in fields(STRATEGY_REGISTRY[strategy].config)} - {"epochs",
+                                                                          "steps_per_epoch"}
 
 
 def _parse_scaling(raw: dict) -> ScalingSection:

@@ -44,8 +44,6 @@ GPU_MEMORY_GIB = {
     "a2-highgpu-": 40, "a2-megagpu-": 40, "a2-ultragpu-": 80, "a3-": 80, "g2-": 24,
 }
 NO_BF16 = ("p3.", "p3dn.", "g4dn.")
-# Activations a step keeps, relative to one path: SNAS runs every candidate, ProxylessNAS two.
-PATHS_PER_STEP = {"snas": "all", "proxyless": 2}
 
 
 @dataclass
@@ -315,6 +313,7 @@ def preflight(job: JobConfig, capacity: Capacity, *,
     that cannot be read (no bucket, no credentials, ...) is a problem, but every check that
     does not need it still runs (with the space's class count, or the preset's default)."""
     from raydsnas.data.errors import DataError
+    from raydsnas.strategies import STRATEGIES
 
     data_error = None
     try:
@@ -336,10 +335,10 @@ def preflight(job: JobConfig, capacity: Capacity, *,
     batch = search.global_batch_size // counts[0]  # the largest per-worker batch
     gpu_nodes = [n for n in capacity.node_types if n.resources.get("GPU", 0) > 0]
     # bf16 only where every GPU node type is known to train in it (else the fp32 estimate).
-    amp = (scaling.use_gpu and bool(search.dsnas.get("amp", True)) and bool(gpu_nodes)
+    amp = (scaling.use_gpu and search.config.amp and bool(gpu_nodes)
            and all(n.bf16 for n in gpu_nodes))
     memory = estimate_memory(space, batch, world=counts[0], amp=amp,
-                             paths=PATHS_PER_STEP.get(search.strategy, 1))
+                             paths=STRATEGIES[search.strategy].paths_per_step)
     # SPOS/random hold ~selection_fraction of the training split out (the run counts the exact
     # number from the shards' keys; the dry run reads only the manifest).
     steps = (num_train - round(num_train * search.selection_fraction)) // search.global_batch_size

@@ -47,7 +47,7 @@ def sections() -> list[Section]:
     )
     from raydsnas.data.pipeline import DataSpec
     from raydsnas.space import SearchSpace
-    from raydsnas.strategies.dsnas import DSNASConfig
+    from raydsnas.strategies import TrainingConfig
     from raydsnas.tune import SweepConfig
 
     result = [
@@ -62,10 +62,11 @@ def sections() -> list[Section]:
         Section("`data`: the data set and its pipeline", "data.", DataSpec),
         Section("`search`: the job's schedule", "search.", SearchSection,
                 f"`strategy` is one of {list(STRATEGIES)}; the strategy's own keys (below) go "
-                "in the same `search` section.", skip=("dsnas",)),
-        Section("`search`: DSNAS (`strategy: dsnas`)", "search.", DSNASConfig,
-                "`epochs` and `steps_per_epoch` come from the job (`search.epochs`, data set "
-                "size / `global_batch_size`).", skip=("epochs", "steps_per_epoch")),
+                "in the same `search` section.", skip=("config",)),
+        Section("`search`: the weight recipe (every strategy)", "search.", TrainingConfig,
+                "Every strategy takes these keys, with these defaults (the paper's ImageNet "
+                "recipe). `epochs` and `steps_per_epoch` come from the job (`search.epochs`, "
+                "data set size / `global_batch_size`).", skip=("epochs", "steps_per_epoch")),
     ]
     result += _strategy_sections(STRATEGIES)
     result += [
@@ -77,23 +78,19 @@ def sections() -> list[Section]:
 
 
 def _strategy_sections(strategies: tuple[str, ...]) -> list[Section]:
-    """One table per baseline strategy whose config class the registry names."""
-    try:
-        from raydsnas.strategies import STRATEGIES as REGISTRY
-    except ImportError:  # a registry-less build: DSNAS only
-        return []
-    from raydsnas.strategies.base import TrainingConfig
+    """One table per strategy: its own keys, beyond the weight recipe (`TrainingConfig`)."""
+    from raydsnas.strategies import STRATEGIES as REGISTRY
+    from raydsnas.strategies import TrainingConfig
 
     shared = tuple(f.name for f in dataclasses.fields(TrainingConfig))
     out = []
     for name in strategies:
-        cls = REGISTRY[name][0] if name != "dsnas" else None
-        if cls is not None:
-            out.append(Section(
-                f"`search`: {cls.__name__} (`strategy: {name}`)", "search.", cls,
-                "Also takes DSNAS's weight-training keys (`lr`, `momentum`, `weight_decay`, "
-                "`label_smoothing`, `warmup_epochs`, `seed`, `amp`, `channels_last`, same "
-                "defaults); DSNAS's other keys are refused for this strategy.", skip=shared))
+        cls = REGISTRY[name].config
+        title = "DSNAS" if name == "dsnas" else cls.__name__
+        out.append(Section(
+            f"`search`: {title} (`strategy: {name}`)", "search.", cls,
+            "Besides the weight recipe; another strategy's keys are refused for this one.",
+            skip=shared))
     return out
 
 

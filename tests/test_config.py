@@ -17,7 +17,7 @@ def test_default_config_is_valid_and_overrides_apply():
     job = load_config(None, ["search.h=0.2", "scaling.num_workers=[1,4]",
                              "storage=s3://bucket/runs", "space.width_mult=0.25",
                              "search.flops_budget=null", "data.crop_scale=[0.5,1]"])
-    assert job.search.dsnas["h"] == 0.2
+    assert job.search.config.h == 0.2
     assert job.scaling.num_workers == (1, 4) and job.scaling.max_workers == 4
     assert job.storage.uri == "s3://bucket/runs"
     assert job.space.build(10).width_mult == 0.25
@@ -33,7 +33,7 @@ def test_yaml_file_loads_and_the_space_takes_the_data_class_count(tmp_path):
     job = load_config(path)
     space = job.space.build(7)
     assert job.name == "tiny" and space.num_classes == 7 and space.input_size == 224
-    assert job.search.dsnas_config(steps_per_epoch=5, lr=0.1).sampling == "per_rank"
+    assert job.search.strategy_config(steps_per_epoch=5, lr=0.1).sampling == "per_rank"
 
 
 def test_batch_and_lr_follow_the_world_size_by_the_documented_rule():

@@ -4,8 +4,6 @@ exactly this cluster): the job SUCCEEDS, the child network lands in the head's h
 (the job's working directory is Ray's temporary copy), and it loads and runs."""
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 import os
 import signal
 import socket
@@ -14,6 +12,8 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest

@@ -192,14 +192,14 @@ def test_every_job_passes_its_preflight(path):
 def test_memory_follows_the_strategy_and_the_gpu_generation(tmp_path):
     """SNAS keeps every candidate's activations, ProxylessNAS two paths'; a pre-Ampere GPU
     (no bf16: the search runs in fp32) gets no bf16 discount."""
-    import yaml
-
     from dataclasses import fields
+
+    import yaml
 
     from raydsnas.strategies import STRATEGIES
 
     raw = yaml.safe_load((ROOT / "jobs" / "imagenet.yaml").read_text())
-    keys = {name: {f.name for f in fields(STRATEGIES[name][0])} for name in STRATEGIES}
+    keys = {name: {f.name for f in fields(STRATEGIES[name].config)} for name in STRATEGIES}
     dsnas_only = keys["dsnas"] - (keys["snas"] & keys["proxyless"])
     for key in dsnas_only & set(raw["search"]):  # DSNAS's own keys
         raw["search"].pop(key)

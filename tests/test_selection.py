@@ -109,7 +109,7 @@ class SelectOnly:
 
 @pytest.mark.parametrize("name", ["spos", "random"])
 def test_search_scores_candidates_on_the_selection_split_and_never_reads_val(name):
-    s = build_strategy(name, SPACE, STRATEGIES[name][0](**ONE_SHOT, **SEARCH[name]))
+    s = build_strategy(name, SPACE, STRATEGIES[name].config(**ONE_SHOT, **SEARCH[name]))
     g = torch.Generator().manual_seed(0)
     train = (torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g))
     val = (torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 4, (12,), generator=g))

@@ -91,7 +91,7 @@ def strategy_config(name: str):
                           "bn_batches": 2, "selection_fraction": 0.25},
              "random": {"num_samples": 3, "bn_batches": 2, "selection_fraction": 0.25},
              "fixed": {"arch": [0, 3, 1, "choice_7", 0]}}.get(name, {})
-    return STRATEGIES[name][0](**TRAIN, **extra)
+    return STRATEGIES[name].config(**TRAIN, **extra)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -209,7 +209,7 @@ def test_one_shot_search_picks_under_the_limit_then_trains_the_child_alone(name,
     limit = (table.total(table.smallest()) + table.total(table.largest())) / 2
     cfg = {**TRAIN, **{"spos": {"population": 4, "iterations": 2, "top_k": 2, "mutations": 2,
                                     "crossovers": 2}, "random": {"num_samples": 4}}[name]}
-    s = build_strategy(name, SPACE, STRATEGIES[name][0](
+    s = build_strategy(name, SPACE, STRATEGIES[name].config(
         **cfg, bn_batches=2, flops_limit=limit, flops_max=limit * 1.1, final_phase=phase,
         final_epochs=1, selection_fraction=0.25))
     data = tiny_data(selection_fraction=0.25)

@@ -1,9 +1,12 @@
 """Search strategies over a `SearchSpace`: DSNAS and, beside it, the baselines.
 
-`STRATEGIES` is the registry that `search.strategy` selects from: name -> (config dataclass,
-strategy class). Every strategy satisfies `raydsnas.strategies.base.SearchStrategy`.
+`STRATEGIES` is the registry that `search.strategy` selects from: name -> `Strategy` (its
+config dataclass, its class, and what a step costs in activations). Every strategy is a
+`raydsnas.strategies.base.SupernetTrainer` and satisfies `SearchStrategy`; its config extends
+`TrainingConfig`. Adding a strategy: its own module, and one line here.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 from raydsnas.strategies.base import SearchStrategy, StepStats, SupernetTrainer, TrainingConfig
@@ -19,13 +22,31 @@ from raydsnas.strategies.proxyless import ProxylessConfig, ProxylessNAS
 from raydsnas.strategies.snas import SNAS, SNASConfig
 from raydsnas.strategies.spos import SPOS, RandomSearch, RandomSearchConfig, SPOSConfig
 
-STRATEGIES: dict[str, tuple[type, type]] = {
-    "dsnas": (DSNASConfig, DSNAS),
-    "snas": (SNASConfig, SNAS),
-    "proxyless": (ProxylessConfig, ProxylessNAS),
-    "spos": (SPOSConfig, SPOS),
-    "random": (RandomSearchConfig, RandomSearch),
-    "fixed": (FixedConfig, FixedArchitecture),
+
+@dataclass(frozen=True)
+class Strategy:
+    """One entry of the registry.
+
+    Attributes:
+        config: the config dataclass (a `TrainingConfig`): the strategy's `search` keys.
+        cls: the strategy class, built as `cls(space, config, device=..., collective=...)`.
+        paths_per_step: the activations one step holds, in paths: 1 (a single path), 2
+            (ProxylessNAS's two sampled candidates) or `"all"` (SNAS runs every candidate);
+            preflight's memory estimate reads it.
+    """
+
+    config: type[TrainingConfig]
+    cls: type[SupernetTrainer]
+    paths_per_step: int | str = 1
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "dsnas": Strategy(DSNASConfig, DSNAS),
+    "snas": Strategy(SNASConfig, SNAS, paths_per_step="all"),
+    "proxyless": Strategy(ProxylessConfig, ProxylessNAS, paths_per_step=2),
+    "spos": Strategy(SPOSConfig, SPOS),
+    "random": Strategy(RandomSearchConfig, RandomSearch),
+    "fixed": Strategy(FixedConfig, FixedArchitecture),
 }
 
 
@@ -35,7 +56,7 @@ def build_strategy(name: str, space, config: Any, *, device="cpu",
     if name not in STRATEGIES:
         raise ValueError(f"search.strategy = {name!r} is not allowed; expected one of "
                          f"{list(STRATEGIES)}")
-    return STRATEGIES[name][1](space, config, device=device, collective=collective)
+    return STRATEGIES[name].cls(space, config, device=device, collective=collective)
 
 
 __all__ = [
@@ -43,6 +64,7 @@ __all__ = [
     "SNAS",
     "SPOS",
     "STRATEGIES",
+    "Strategy",
     "Collective",
     "DSNASConfig",
     "FixedArchitecture",

@@ -187,6 +187,20 @@ class TrainingConfig:
         check(self.alpha_init_std >= 0, "alpha_init_std", self.alpha_init_std, "a number >= 0")
 
     @property
+    def same_path_on_every_rank(self) -> bool:
+        """Whether every rank runs the same blocks each step (what global BatchNorm needs)."""
+        return True
+
+    @property
+    def selection_share(self) -> float:
+        """The share of the training split the strategy holds out to choose on (0: none)."""
+        return 0.0
+
+    def check_space(self, space: SearchSpace) -> None:
+        """Refuse settings that cannot fit `space` (a `ValueError` naming the key); the job's
+        config check calls it with the configured space."""
+
+    @property
     def total_steps(self) -> int:
         return max(1, round(self.epochs * self.steps_per_epoch))
 

@@ -42,24 +42,17 @@ CREDIT_DECAY = 0.98  # the credit diagnostic's running mean spans ~50 steps
 
 @dataclass
 class DSNASConfig(TrainingConfig):
-    """Hyper-parameters of the DSNAS search (defaults: the paper's ImageNet recipe).
-
-    `lr` is the weight learning rate for the *global* batch (the paper: 0.5 at batch 1024; the
-    job scales it linearly). Epoch-valued settings are converted to steps with `steps_per_epoch`.
+    """Hyper-parameters of the DSNAS search (defaults: the paper's ImageNet recipe), beside the
+    weight recipe of `TrainingConfig` (`lr` is for the *global* batch: the paper's 0.5 at batch
+    1024; the job scales it linearly). Epoch-valued settings are converted to steps with
+    `steps_per_epoch`.
 
     Attributes:
         h: early-stop threshold: a layer freezes on its top choice once p_top1 - p_top2 >= h
             (its other candidates are pruned; the paper: 0.3).
-        lr: weight SGD learning rate at `lr_reference_batch` (cosine decay after warm-up).
-        momentum: weight SGD momentum.
-        weight_decay: weight decay of conv and linear weights (not BN parameters or biases).
         alpha_lr: Adam learning rate of the architecture parameters alpha.
         alpha_betas: Adam betas of alpha (the paper: 0.5, 0.999).
         alpha_init_std: alpha starts at 1 + N(0, alpha_init_std) per entry.
-        label_smoothing: label smoothing of the cross-entropy loss.
-        epochs: search epochs (set by `search.epochs`).
-        steps_per_epoch: set by the job from the data set size and the global batch.
-        warmup_epochs: linear learning-rate warm-up before the cosine schedule.
         pretrain_epochs: epochs of uniform path sampling with alpha still, before the search.
         freeze_check_every: steps between early-stop checks (null: once an epoch).
         freeze_by: the search's deadline: at the end of this epoch every layer not yet frozen
@@ -88,9 +81,6 @@ class DSNASConfig(TrainingConfig):
         sampling: `shared` (every worker runs the same path: W workers compute the update of
             one worker with the whole batch) or `per_rank` (each worker samples its own path:
             more samples of Z per step, as the paper's code does).
-        seed: seed of the weight initialisation, alpha's initialisation and path sampling.
-        amp: bf16 autocast on GPUs that support it (ignored on CPU).
-        channels_last: channels-last memory format on GPU (ignored on CPU).
     """
 
     h: float = 0.3
@@ -136,6 +126,10 @@ class DSNASConfig(TrainingConfig):
         check(self.flops_coef >= 0, "flops_coef", self.flops_coef, "a number >= 0")
         check(self.sampling in SAMPLING_POLICIES, "sampling", self.sampling,
                f"one of {list(SAMPLING_POLICIES)}")
+
+    @property
+    def same_path_on_every_rank(self) -> bool:
+        return self.sampling == "shared"
 
     @property
     def pretrain_steps(self) -> int:

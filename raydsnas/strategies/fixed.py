@@ -66,6 +66,9 @@ class FixedConfig(TrainingConfig):
         if self.arch is not None:
             self.arch = tuple(self.arch)
 
+    def check_space(self, space: SearchSpace) -> None:
+        resolve_arch(space, self.arch)
+
 
 class FixedArchitecture(SupernetTrainer):
     """The supernet pruned to `config.arch`, trained with single-path steps on that path."""

@@ -114,6 +114,10 @@ class OneShotConfig(TrainingConfig):
                "a number >= 0")
 
     @property
+    def selection_share(self) -> float:
+        return self.selection_fraction
+
+    @property
     def final_steps(self) -> int:
         return max(1, round(self.final_epochs * self.steps_per_epoch))
 

@@ -199,7 +199,7 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
     scaling = job.scaling
     return TorchTrainer(
         train_func,
-        train_loop_config={"job": job.to_dict(), "num_classes": num_classes,
+        train_loop_config={"job": job, "num_classes": num_classes,
                            "num_train": num_train, "run_uri": run_uri(job),
                            "config_changes": list(config_changes), "skipped": skipped},
         scaling_config=ray.train.ScalingConfig(

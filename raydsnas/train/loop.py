@@ -24,7 +24,7 @@ from typing import Any
 import ray.train
 import torch
 
-from raydsnas.config import JobConfig, parse_config
+from raydsnas.config import JobConfig
 from raydsnas.data.pipeline import iter_train_batches, normalize
 from raydsnas.data.storage import join_path, resolve_filesystem
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_bn
@@ -71,7 +71,7 @@ def train_func(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`. `config`: the validated job mapping (`job`), the
     data set facts the driver read (`num_classes`, `num_train`: the training samples left
     once any selection split is held out), and `run_uri`."""
-    job = parse_config(config["job"])
+    job: JobConfig = config["job"]
     quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
