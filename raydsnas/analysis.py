@@ -12,8 +12,8 @@ Command line (in-process, no Ray, CPU is fine for small spaces):
     python -m raydsnas.analysis rank --checkpoint RUN_DIR_OR_STATE_PT \\
         --arch 0,1,2,3,... --arch ... [--archs FILE] [--epochs 5] [--data builtin:digits]
 
-`--checkpoint` is a run folder (its newest `epoch_*/state.pt` is used) or a `state.pt` file of
-any strategy. Frozen/pruned layers of that checkpoint (DSNAS early stop, SPOS final phase) must
+`--checkpoint` is a run folder (its latest registered checkpoint's `state.pt`) or a `state.pt`
+file of any strategy. Frozen/pruned layers of that checkpoint (DSNAS early stop, SPOS final phase) must
 keep their choice in every architecture. `--archs FILE` has one architecture a line (commas or
 spaces; `#` starts a comment). `--data` is `builtin:digits` (scikit-learn's digits, the
 built-in set's split, resized to the space's input size with bilinear interpolation: close to,
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,7 @@ from raydsnas.data.tensors import TensorBatches
 from raydsnas.evaluation import recalibrate_bn
 from raydsnas.space import SearchSpace
 from raydsnas.strategies.optim import warmup_cosine, weight_param_groups
+from raydsnas.train.checkpoint import load_state, read_latest_state
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
@@ -78,13 +80,10 @@ def load_supernet(checkpoint: str | Path, device: str = "cpu"):
     """(space, supernet) from a run folder or a `state.pt`: the supernet pruned as the
     checkpoint's was, with its weights."""
     path = Path(checkpoint)
-    if path.is_dir():
-        found = sorted((p for p in path.glob("epoch_*/state.pt")),
-                       key=lambda p: (p.parent.name.split("-")[0], p.stat().st_mtime))
-        if not found:
-            raise FileNotFoundError(f"no epoch_*/state.pt checkpoint under {path}")
-        path = found[-1]
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_dir():  # a run folder: its latest registered checkpoint
+        state = read_latest_state(pafs.LocalFileSystem(), str(path.resolve()), where=str(path))
+    else:
+        state = load_state(path)
     state = state.get("strategy", state)
     space = SearchSpace.from_dict(state["space"])
     supernet = space.supernet()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import json
 import math
 import sys
@@ -19,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow.fs as pafs
-import torch
 
 from raydsnas.data.storage import join_path, read_bytes, resolve_filesystem, storage_errors
 
@@ -30,18 +28,14 @@ W, H, PAD = 560, 300, 48
 # -- reading ---------------------------------------------------------------------------------------
 def run_history(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[dict]:
     """The per-epoch history of a run, from its latest registered checkpoint."""
-    from raydsnas.train.launcher import SNAPSHOT_FILE
-    from raydsnas.train.loop import STATE_FILE
+    from raydsnas.train.checkpoint import SNAPSHOT_FILE, read_latest_state, read_snapshot
 
     fs, root = resolve_filesystem(uri, storage_options)
     with storage_errors(uri, storage_options):
-        snapshot = join_path(root, SNAPSHOT_FILE)
-        if fs.get_file_info(snapshot).type != pafs.FileType.File:
+        if read_snapshot(fs, root) is None:
             raise FileNotFoundError(f"{uri} is neither a run (no {SNAPSHOT_FILE}) nor a sweep "
                                     "(no summary.json)")
-        latest = json.loads(read_bytes(fs, snapshot))["latest_checkpoint_result"]
-        data = read_bytes(fs, join_path(root, latest["checkpoint_dir_name"], STATE_FILE))
-    state = torch.load(io.BytesIO(data), weights_only=True)
+        state = read_latest_state(fs, root, where=uri)
     return json.loads(state["history"])
 
 

@@ -8,7 +8,6 @@ pipeline so the data order continues too).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import threading
@@ -27,22 +26,17 @@ from raydsnas.data.errors import DataError, EndpointUnreachableError, StorageErr
 from raydsnas.data.pipeline import build_datasets, execution_options
 from raydsnas.data.storage import (
     is_local_uri,
-    join_path,
-    read_bytes,
     resolve_filesystem,
     storage_errors,
 )
 from raydsnas.export import read_record
 from raydsnas.local_ray import start_local_ray
 from raydsnas.train.autoscaler import AutoscalerWatch
+from raydsnas.train.checkpoint import CHECKPOINT_DIR, latest_epoch, read_snapshot, registered
 from raydsnas.train.loop import train_func
 from raydsnas.train.provenance import reconcile
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
 from raydsnas.train.synthetic import SyntheticData
-
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's registry of checkpoints
-CHECKPOINT_DIR = re.compile(r"epoch_(\d{6})-[0-9a-f]{8}")
-
 
 # The store failing (not the input being bad): left to Ray Train's retries. Exact types:
 # their subclasses (access denied, missing credentials, ...) are input errors.
@@ -139,21 +133,11 @@ def connect_ray() -> None:
 
 
 def latest_checkpoint_epoch(job: JobConfig) -> int:
-    """The epoch of the checkpoint Ray Train will resume from (0 if none).
-
-    That is the latest *registered* checkpoint, from Ray Train's snapshot file. A folder that
-    was written but never registered (the run stopped first) does not count, and without a
-    snapshot Ray Train 2.60 starts from scratch however many folders there are
-    (`CheckpointManager._maybe_load_state_from_storage`).
-    """
+    """The epoch of the checkpoint Ray Train will resume from (0 if none): the latest
+    registered one (`raydsnas.train.checkpoint`)."""
     fs, root = resolve_filesystem(run_uri(job), job.storage.options)
     with storage_errors(run_uri(job), job.storage.options):
-        snapshot = join_path(root, SNAPSHOT_FILE)
-        if fs.get_file_info(snapshot).type != pafs.FileType.File:
-            return 0
-        latest = json.loads(read_bytes(fs, snapshot)).get("latest_checkpoint_result") or {}
-    match = CHECKPOINT_DIR.fullmatch(latest.get("checkpoint_dir_name", ""))
-    return int(match.group(1)) if match else 0
+        return latest_epoch(fs, root)
 
 
 def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
@@ -253,16 +237,13 @@ def remove_unregistered_checkpoints(job: JobConfig) -> list[str]:
     fs, root = resolve_filesystem(uri, job.storage.options)
     removed = []
     with storage_errors(uri, job.storage.options):
-        snapshot = join_path(root, SNAPSHOT_FILE)
-        if fs.get_file_info(snapshot).type != pafs.FileType.File:
+        snapshot = read_snapshot(fs, root)
+        if snapshot is None:
             return removed
-        state = json.loads(read_bytes(fs, snapshot))
-        results = [*state.get("checkpoint_results", []), state.get("latest_checkpoint_result"),
-                   *state.get("pending_training_results", [])]
-        registered = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)}
+        known = registered(snapshot)
         for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
             if (info.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(info.base_name)
-                    and info.base_name not in registered):
+                    and info.base_name not in known):
                 fs.delete_dir(info.path)
                 removed.append(info.base_name)
     return sorted(removed)

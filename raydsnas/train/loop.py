@@ -8,6 +8,11 @@ diverged, evaluates the argmax architecture on the validation split, reports met
 checkpoints from rank 0. After the last search epoch the strategy's `end_search` hook runs
 (SPOS/random: the architecture search over the trained supernet), then any epochs the strategy
 adds (retrain/finetune). At the end the child network is exported to `<storage>/<run>/subnet/`.
+
+`train_func` reads top to bottom: `start_worker` (strategy, batches, event log), `resume` (the
+checkpoint's strategy and `RunState`, `raydsnas.train.checkpoint`), then per epoch
+`train_epoch` (the steps), `end_epoch` (search stage, validation, history, events) and
+`report_epoch` (export on the last, checkpoint, report).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray.train
@@ -32,13 +38,16 @@ from raydsnas.export import save_child
 from raydsnas.strategies import Collective, build_strategy, default_collective
 from raydsnas.strategies.base import SearchStrategy
 from raydsnas.strategies.collective import average_bn_buffers
+from raydsnas.train.checkpoint import (
+    RunState,
+    checkpoint_dir_name,
+    restore_checkpoint,
+    write_checkpoint,
+)
 from raydsnas.train.events import EventLog
 from raydsnas.train.sync_bn import use_global_batch_norm
 from raydsnas.train.synthetic import PREFIX as SYNTHETIC
 from raydsnas.train.synthetic import SyntheticData
-
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
 
 
 def say(message: str) -> None:
@@ -67,162 +76,202 @@ def quiet_report_log() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+@dataclass
+class Worker:
+    """One worker's part of a run: who it is, its strategy and batches, where it writes."""
+
+    job: JobConfig
+    facts: dict[str, Any]  # train_func's config: num_classes, num_train, run_uri, ...
+    rank: int
+    world: int
+    device: torch.device
+    collective: Collective
+    strategy: SearchStrategy
+    data: Batches
+    events: EventLog
+    attempt: str  # this worker group's id, in the names of the checkpoints it writes
+    latest_eval: dict[str, float] = field(default_factory=dict)  # the last validation
+
+    @property
+    def total_epochs(self) -> int:
+        """The search epochs and any the strategy adds (e.g. SPOS's retrain/finetune)."""
+        return self.job.search.epochs + self.strategy.extra_epochs
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            say(message)
+
+
 def train_func(config: dict[str, Any]) -> None:
-    """Ray Train's `train_loop_per_worker`. `config`: the validated job mapping (`job`), the
+    """Ray Train's `train_loop_per_worker`. `config`: the validated `JobConfig` (`job`), the
     data set facts the driver read (`num_classes`, `num_train`: the training samples left
     once any selection split is held out), and `run_uri`."""
-    job: JobConfig = config["job"]
     quiet_report_log()
+    worker = start_worker(config["job"], config)
+    run = resume(worker)
+    start = run.epoch
+    for epoch in range(start, worker.total_epochs):
+        train = train_epoch(worker, run, epoch)
+        report_epoch(worker, run, end_epoch(worker, run, epoch, train))
+    if start >= worker.total_epochs:  # resumed a finished run (e.g. its export failed)
+        last = {k: v for k, v in (run.history[-1] if run.history else {}).items()
+                if k != "probs"}
+        ray.train.report({**last, "arch": json.dumps(worker.strategy.argmax_arch()),
+                          **export_result(worker, run)})
+    worker.events.close()
+
+
+def start_worker(job: JobConfig, facts: dict[str, Any]) -> Worker:
+    """This worker's strategy (on its device, with this world's batch and learning rate), its
+    batches and its event log."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     collective = default_collective()
     device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
-
     per_worker, lr = world_batch(job, world)
     # From the configured global batch, not per_worker * world: the schedule (and so the
     # checkpoint) is the same whatever the world size.
-    steps_per_epoch = config["num_train"] // job.search.global_batch_size
+    steps_per_epoch = facts["num_train"] // job.search.global_batch_size
     if job.search.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, job.search.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise ValueError(f"the training split has {config['num_train']} samples, fewer than one "
+        raise ValueError(f"the training split has {facts['num_train']} samples, fewer than one "
                          f"global batch ({per_worker * world}); lower search.global_batch_size")
-    space = job.space.build(config["num_classes"])
+    space = job.space.build(facts["num_classes"])
     strategy = build_strategy(job.search.strategy, space,
                               job.search.strategy_config(steps_per_epoch, lr), device=device,
                               collective=collective)
     if job.scaling.sync_bn and world > 1:
         use_global_batch_norm(strategy.supernet)
-
-    run_uri = config["run_uri"]
-    fs, run_root = resolve_filesystem(run_uri, job.storage.options)
-    start_epoch, elapsed_s, worker_s, history = 0, 0.0, 0.0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            # Onto the CPU: RNG states must stay CPU tensors; module and optimiser loads move
-            # their tensors to the device themselves.
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                               weights_only=True)
-        strategy.load_state_dict(state["strategy"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch, elapsed_s = state["epoch"], state["elapsed_s"]
-        worker_s, history = state["worker_s"], json.loads(state["history"])
-        if rank == 0:
-            say(f"[raydsnas] resumed from epoch {start_epoch} (step {strategy.step_count}), "
-                  f"world size {world}, per-worker batch {per_worker}, lr {lr:g}")
-    data = Batches(job, config, rank, world, per_worker, steps_per_epoch, device,
-                   strategy.channels_last, step_of=lambda: strategy.step_count)
-    attempt = attempt_id(collective, device)
+    data = Batches(job, facts, rank, world, per_worker, steps_per_epoch, device,
+                   strategy.channels_last, collective)
+    fs, run_root = resolve_filesystem(facts["run_uri"], job.storage.options)
     events = EventLog(rank == 0, fs, join_path(run_root, "events"))
-    search_epochs = job.search.epochs
-    total_epochs = search_epochs + strategy.extra_epochs  # e.g. SPOS's retrain/finetune epochs
+    return Worker(job, facts, rank, world, device, collective, strategy, data, events,
+                  attempt_id(collective, device))
 
-    last_eval: dict[str, float] = {}
-    for epoch in range(start_epoch, total_epochs):
-        t0 = time.perf_counter()
-        # Summed on the device: reading them every step would make the host wait every step.
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
-        seen = 0
-        for i, (images, labels) in enumerate(data.train(epoch)):
-            stats = strategy.step(images, labels)
-            sums += torch.stack([stats.loss.double() * stats.batch_size,
-                                 stats.correct.double()])
-            seen += stats.batch_size
-            if rank == 0 and (i + 1) % job.search.log_every == 0:
-                rate = seen * world / (time.perf_counter() - t0)
-                say(f"[raydsnas] epoch {epoch + 1}/{total_epochs} step {i + 1}/{steps_per_epoch}"
-                      f" loss {float(stats.loss):.4f} acc {float(stats.correct) / stats.batch_size:.3f}"
-                      f" entropy {stats.entropy:.3f} frozen {stats.num_frozen}/{space.num_layers}"
-                      f" E[FLOPs] {stats.expected_flops / 1e6:.2f}M {rate:.0f} img/s")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the epoch's time includes its queued GPU work
-        epoch_s = time.perf_counter() - t0
-        elapsed_s += epoch_s
-        worker_s += epoch_s * world
-        check_ranks_agree(strategy, collective)
-        average_bn_buffers(strategy.supernet, collective)
-        end_metrics: dict[str, Any] = {}
-        if epoch + 1 == search_epochs:
-            # The strategy's search stage (SPOS: the evolutionary search), timed as compute.
-            t1 = time.perf_counter()
-            end_metrics = strategy.end_search(data, epoch + 1)
-            end_s = time.perf_counter() - t1
-            elapsed_s += end_s
-            worker_s += end_s * world
-            end_metrics["end_search_s"] = end_s
-            check_ranks_agree(strategy, collective)
-        totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64,
-                                               device=device)])
-        collective.all_reduce_sum(totals)
-        totals = totals.cpu()
-        last = epoch + 1 == total_epochs
-        metrics = {
-            "epoch": epoch + 1, "step": strategy.step_count, "world_size": world,
-            "train_loss": float(totals[0] / max(totals[2], 1)),
+
+def resume(worker: Worker) -> RunState:
+    """The run so far: from the checkpoint Ray Train hands this worker group, or a new one."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return RunState()
+    with checkpoint.as_directory() as folder:
+        run = restore_checkpoint(folder, worker.strategy)
+    per_worker, lr = world_batch(worker.job, worker.world)
+    worker.say(f"[raydsnas] resumed from epoch {run.epoch} (step {worker.strategy.step_count}), "
+               f"world size {worker.world}, per-worker batch {per_worker}, lr {lr:g}")
+    return run
+
+
+def train_epoch(worker: Worker, run: RunState, epoch: int) -> dict[str, Any]:
+    """One epoch of strategy steps on this rank's batches; the epoch's training metrics over
+    all ranks."""
+    strategy, job = worker.strategy, worker.job
+    t0 = time.perf_counter()
+    # Summed on the device: reading them every step would make the host wait every step.
+    sums = torch.zeros(2, dtype=torch.float64, device=worker.device)
+    seen = 0
+    for i, (images, labels) in enumerate(worker.data.train(epoch)):
+        stats = strategy.step(images, labels)
+        sums += torch.stack([stats.loss.double() * stats.batch_size, stats.correct.double()])
+        seen += stats.batch_size
+        if (i + 1) % job.search.log_every == 0:
+            rate = seen * worker.world / (time.perf_counter() - t0)
+            worker.say(
+                f"[raydsnas] epoch {epoch + 1}/{worker.total_epochs} step {i + 1}/"
+                f"{worker.data.steps} loss {float(stats.loss):.4f} acc "
+                f"{float(stats.correct) / stats.batch_size:.3f} entropy {stats.entropy:.3f} "
+                f"frozen {stats.num_frozen}/{strategy.space.num_layers} E[FLOPs] "
+                f"{stats.expected_flops / 1e6:.2f}M {rate:.0f} img/s")
+    if worker.device.type == "cuda":
+        torch.cuda.synchronize(worker.device)  # the epoch's time includes its queued GPU work
+    epoch_s = time.perf_counter() - t0
+    run.add_time(epoch_s, worker.world)
+    check_ranks_agree(strategy, worker.collective)
+    average_bn_buffers(strategy.supernet, worker.collective)
+    totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64,
+                                           device=worker.device)])
+    worker.collective.all_reduce_sum(totals)
+    totals = totals.cpu()
+    return {"train_loss": float(totals[0] / max(totals[2], 1)),
             "train_top1": float(totals[1] / max(totals[2], 1)),
-            "entropy": strategy.entropy(), "frozen": len(strategy.frozen),
-            "expected_flops": strategy.expected_flops(), "argmax_flops": space.flops(strategy.argmax_arch()),
-            "lr": strategy.weight_opt.param_groups[0]["lr"],
-            "images_per_s": float(totals[2]) / max(epoch_s, 1e-9),
-            "elapsed_s": elapsed_s, "arch": json.dumps(strategy.argmax_arch()),
-            **end_metrics,
-        }
-        if config.get("skipped") is not None:  # data.skip_corrupt: images left out so far
-            metrics["skipped_images"] = config["skipped"].count()
-        if last or (epoch + 1) % job.search.eval_every == 0:
-            last_eval = data.evaluate(strategy.predict, collective)
-        metrics.update(last_eval)  # every report carries the latest validation (Tune schedulers)
-        search = search_progress(strategy, history, epoch + 1)
-        metrics.update(search["metrics"])
-        history.append({**{k: v for k, v in metrics.items() if k != "arch"},
+            "images_per_s": float(totals[2]) / max(epoch_s, 1e-9)}
+
+
+def end_epoch(worker: Worker, run: RunState, epoch: int, train: dict[str, float]
+              ) -> dict[str, Any]:
+    """After an epoch's steps: the strategy's search stage (after the last search epoch),
+    validation, the epoch's record in the history and the event log; returns the epoch's
+    metrics (`train`'s among them)."""
+    strategy, job = worker.strategy, worker.job
+    end_metrics: dict[str, Any] = {}
+    if epoch + 1 == job.search.epochs:
+        # The strategy's search stage (SPOS: the evolutionary search), timed as compute.
+        t1 = time.perf_counter()
+        end_metrics = strategy.end_search(worker.data, epoch + 1)
+        end_s = time.perf_counter() - t1
+        run.add_time(end_s, worker.world)
+        end_metrics["end_search_s"] = end_s
+        check_ranks_agree(strategy, worker.collective)
+    last = epoch + 1 == worker.total_epochs
+    metrics = {
+        "epoch": epoch + 1, "step": strategy.step_count, "world_size": worker.world,
+        "train_loss": train["train_loss"], "train_top1": train["train_top1"],
+        "entropy": strategy.entropy(), "frozen": len(strategy.frozen),
+        "expected_flops": strategy.expected_flops(),
+        "argmax_flops": strategy.space.flops(strategy.argmax_arch()),
+        "lr": strategy.weight_opt.param_groups[0]["lr"],
+        "images_per_s": train["images_per_s"], "elapsed_s": run.elapsed_s,
+        "arch": json.dumps(strategy.argmax_arch()), **end_metrics,
+    }
+    if worker.facts.get("skipped") is not None:  # data.skip_corrupt: images left out so far
+        metrics["skipped_images"] = worker.facts["skipped"].count()
+    if last or (epoch + 1) % job.search.eval_every == 0:
+        worker.latest_eval = worker.data.evaluate(strategy.predict, worker.collective)
+    metrics.update(worker.latest_eval)  # every report carries the latest validation (for Tune)
+    search = search_progress(strategy, run.history, epoch + 1)
+    metrics.update(search["metrics"])
+    run.epoch = epoch + 1
+    run.history.append({**{k: v for k, v in metrics.items() if k != "arch"},
                         "probs": [[round(p, 5) for p in row] for row in strategy.probs().tolist()],
                         "arch": strategy.argmax_arch(), **search["history"]})
-        events.scalars(strategy.step_count, {k: v for k, v in metrics.items()
-                                             if isinstance(v, (int, float)) and k != "epoch"})
-        events.arch(strategy.step_count, strategy.probs(), strategy.frozen)
-        events.credit(strategy.step_count, search["history"].get("credit"))
-        if search["ended_now"]:
-            events.text(strategy.step_count, "search", search["ended_now"])
-            if rank == 0:
-                say(f"[raydsnas] {search['ended_now']}")
-        events.sync()
-        if rank == 0:
-            say(f"[raydsnas] epoch {epoch + 1}/{total_epochs} done: "
-                  + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in metrics.items()))
+    events = worker.events
+    events.scalars(strategy.step_count, {k: v for k, v in metrics.items()
+                                         if isinstance(v, (int, float)) and k != "epoch"})
+    events.arch(strategy.step_count, strategy.probs(), strategy.frozen)
+    events.credit(strategy.step_count, search["history"].get("credit"))
+    if search["ended_now"]:
+        events.text(strategy.step_count, "search", search["ended_now"])
+        worker.say(f"[raydsnas] {search['ended_now']}")
+    events.sync()
+    return metrics
 
-        checkpoint_name = f"epoch_{epoch + 1:06d}-{attempt}"
-        if last:
-            # Export before the last report: a scheduler (Tune's ASHA at max_t) may stop the
-            # trial on that report. If the export fails, the final checkpoint is still
-            # committed first, so the retry resumes here and only exports again.
-            try:
-                metrics.update(export_result(job, strategy, data, collective, run_uri, rank,
-                                             elapsed_s, worker_s, total_epochs,
-                                             config.get("config_changes", ()),
-                                             config.get("skipped")))
-            except Exception:
-                report_with_checkpoint(metrics, strategy, rank, checkpoint_name, epoch + 1,
-                                       elapsed_s, worker_s, history)
-                raise
-        if last or (epoch + 1) % job.search.checkpoint_every == 0:
-            report_with_checkpoint(metrics, strategy, rank, checkpoint_name, epoch + 1,
-                                   elapsed_s, worker_s, history)
-        else:
-            ray.train.report(metrics)
-    if start_epoch >= total_epochs:  # resumed a finished run (e.g. its export failed)
-        last_epoch = {k: v for k, v in (history[-1] if history else {}).items() if k != "probs"}
-        ray.train.report({**last_epoch, "arch": json.dumps(
-            strategy.argmax_arch()), **export_result(job, strategy, data, collective, run_uri,
-                                                     rank, elapsed_s, worker_s, total_epochs,
-                                                     config.get("config_changes", ()),
-                                                     config.get("skipped"))})
-    events.close()
+
+def report_epoch(worker: Worker, run: RunState, metrics: dict[str, Any]) -> None:
+    """Report the epoch to Ray Train, with a checkpoint every `checkpoint_every` epochs and at
+    the end; the last epoch first exports the child."""
+    job, epoch = worker.job, run.epoch
+    worker.say(f"[raydsnas] epoch {epoch}/{worker.total_epochs} done: "
+               + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in metrics.items()))
+    name = checkpoint_dir_name(epoch, worker.attempt)
+    last = epoch == worker.total_epochs
+    if last:
+        # Export before the last report: a scheduler (Tune's ASHA at max_t) may stop the
+        # trial on that report. If the export fails, the final checkpoint is still
+        # committed first, so the retry resumes here and only exports again.
+        try:
+            metrics.update(export_result(worker, run))
+        except Exception:
+            report_with_checkpoint(worker, run, metrics, name)
+            raise
+    if last or epoch % job.search.checkpoint_every == 0:
+        report_with_checkpoint(worker, run, metrics, name)
+    else:
+        ray.train.report(metrics)
 
 
 def search_progress(strategy: SearchStrategy, history: list[dict], epoch: int) -> dict[str, Any]:
@@ -256,15 +305,14 @@ def search_progress(strategy: SearchStrategy, history: list[dict], epoch: int) -
     return out
 
 
-def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
-                  collective: Collective, run_uri: str, rank: int, elapsed_s: float,
-                  worker_s: float, total_epochs: int | None = None,
-                  config_changes: Sequence[dict] = (), skipped: Any = None) -> dict[str, Any]:
+def export_result(worker: Worker, run: RunState) -> dict[str, Any]:
     """BN-recalibrate, evaluate and export the argmax child (every rank computes, rank 0 writes).
 
     `worker_hours` counts every epoch the run took, search and any retrain/finetune phase, so
     DSNAS and the two-stage baselines compare on the same footing."""
-    total_epochs = job.search.epochs if total_epochs is None else total_epochs
+    job, strategy, data, collective = worker.job, worker.strategy, worker.data, worker.collective
+    total_epochs = worker.total_epochs
+    skipped = worker.facts.get("skipped")
     skipped_images = skipped.reasons() if skipped is not None else None
     arch = strategy.argmax_arch()
     child = strategy.export_child(arch)
@@ -279,22 +327,23 @@ def export_result(job: JobConfig, strategy: SearchStrategy, data: Batches,
     meta = {
         "name": job.name, "top1": accuracy["child_val_top1"], "top5": accuracy["child_val_top5"],
         "val_samples": accuracy["child_val_samples"], "flops": space.flops(arch),
-        "params": space.params(arch), "wall_time_s": elapsed_s, "worker_hours": worker_s / 3600,
-        "steps": strategy.step_count, "frozen_layers": {str(k): v for k, v in strategy.frozen.items()},
+        "params": space.params(arch), "wall_time_s": run.elapsed_s,
+        "worker_hours": run.worker_s / 3600, "steps": strategy.step_count,
+        "frozen_layers": {str(k): v for k, v in strategy.frozen.items()},
         "bn_recalibrated": bool(job.search.bn_recalibration_batches), "config": job.resolved(),
-        "config_changes": list(config_changes),
+        "config_changes": list(worker.facts.get("config_changes", ())),
         "strategy": job.search.strategy, "search_epochs": job.search.epochs,
         "epochs": total_epochs, "search_end_step": getattr(strategy, "search_end_step", None),
         "forced_layers": list(getattr(strategy, "forced", [])),
         # With data.skip_corrupt: the undecodable images left out ("<shard>:<key>" -> reason).
         **({"skipped_images": skipped_images} if skipped_images is not None else {}),
     }
-    subnet_uri = f"{run_uri.rstrip('/')}/subnet"
-    if rank == 0:
+    subnet_uri = f"{worker.facts['run_uri'].rstrip('/')}/subnet"
+    if worker.rank == 0:
         save_child(child.cpu(), subnet_uri, meta=meta, storage_options=job.storage.options)
         say(f"[raydsnas] child network written to {subnet_uri}: top-1 {meta['top1']:.4f}, "
-              f"top-5 {meta['top5']:.4f}, {meta['flops'] / 1e6:.2f}M FLOPs, "
-              f"{meta['params'] / 1e6:.3f}M params")
+            f"top-5 {meta['top5']:.4f}, {meta['flops'] / 1e6:.2f}M FLOPs, "
+            f"{meta['params'] / 1e6:.3f}M params")
     return {**accuracy, "subnet_uri": subnet_uri, "child_flops": meta["flops"],
             "child_params": meta["params"], "worker_hours": meta["worker_hours"]}
 
@@ -308,21 +357,13 @@ def attempt_id(collective: Collective, device: torch.device) -> str:
     return f"{int(value):08x}"
 
 
-def report_with_checkpoint(metrics: dict, strategy: SearchStrategy, rank: int, dir_name: str, epoch: int,
-                           elapsed_s: float, worker_s: float, history: list) -> None:
+def report_with_checkpoint(worker: Worker, run: RunState, metrics: dict, dir_name: str) -> None:
     """Checkpoint (rank 0 writes, every rank reports): everything to continue exactly."""
-    if rank != 0:
+    if worker.rank != 0:
         ray.train.report(metrics, checkpoint_dir_name=dir_name)
         return
     with tempfile.TemporaryDirectory() as folder:
-        cuda_rng = torch.cuda.get_rng_state(strategy.device) if strategy.device.type == "cuda" \
-            else None
-        torch.save({"strategy": strategy.state_dict(), "epoch": epoch, "elapsed_s": elapsed_s,
-                    "worker_s": worker_s, "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": cuda_rng, "history": json.dumps(history)},
-                   os.path.join(folder, STATE_FILE))
-        with open(os.path.join(folder, META_FILE), "w") as f:
-            json.dump({"epoch": epoch, "step": strategy.step_count}, f)
+        write_checkpoint(folder, worker.strategy, run)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=dir_name)
 
@@ -348,13 +389,15 @@ def check_ranks_agree(strategy: SearchStrategy, collective: Collective) -> None:
 
 class Batches:
     """The worker's batches: its Ray Data shard (or the synthetic task), normalised on device,
-    with every rank taking exactly the same number of steps."""
+    with every rank taking exactly the same number of steps (`collective`: the ranks' process
+    group, which counts them)."""
 
     def __init__(self, job: JobConfig, config: dict, rank: int, world: int, per_worker: int,
                  steps_per_epoch: int, device: torch.device, channels_last: bool,
-                 step_of=lambda: 0):
+                 collective: Collective):
         self.job, self.rank, self.world = job, rank, world
-        self.step_of = step_of  # the strategy's step counter, checked across ranks each step
+        self.collective = collective
+        self.served = 0  # batches handed out so far, compared across ranks at each one
         self.per_worker, self.steps = per_worker, steps_per_epoch
         self.device, self.channels_last = device, channels_last
         self.synthetic = None
@@ -369,7 +412,8 @@ class Batches:
         images = normalize(batch["image"], self.device, channels_last=self.channels_last)
         return images, batch["label"].to(self.device, non_blocking=True)
 
-    def train(self, epoch: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train(self, epoch: int, limit: int | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of one epoch (`limit`: only the first few, e.g. for BN
         recalibration after the last epoch)."""
         steps = min(self.steps, limit or self.steps)
@@ -379,22 +423,22 @@ class Batches:
         else:
             source = iter_train_batches(ray.train.get_dataset_shard("train"), self.job.data,
                                         epoch=epoch, batch_size=self.per_worker, rank=self.rank)
-        collective = default_collective()
         for _ in range(steps):
             batch = next(source, None)
             # Every rank must take the same number of steps (each ends in an all-reduce);
-            # the step counter rides along, so a drifted rank is caught before it deadlocks.
-            have = torch.tensor([0.0 if batch is None else 1.0, float(self.step_of())],
+            # the batch count rides along, so a drifted rank is caught before it deadlocks.
+            have = torch.tensor([0.0 if batch is None else 1.0, float(self.served)],
                                 dtype=torch.float64, device=self.device)
-            collective.all_reduce_sum(have)
-            if int(have[1].item()) != self.world * self.step_of():
+            self.collective.all_reduce_sum(have)
+            if int(have[1].item()) != self.world * self.served:
                 raise RanksDivergedError(f"ranks are at different steps (rank {self.rank} at "
-                                         f"step {self.step_of()}, sum {int(have[1].item())})")
+                                         f"batch {self.served}, sum {int(have[1].item())})")
             if int(have[0].item()) < self.world:
                 if self.rank == 0:
                     say(f"[raydsnas] epoch {epoch + 1}: a rank ran out of data early; "
                           "ending the epoch on every rank")
                 return
+            self.served += 1
             yield self._prepare(batch)
         if limit is None:
             for _ in source:  # finish the shard's epoch so the next one starts cleanly
