@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from raydsnas.checks import check, check_known
 from raydsnas.data.errors import DataSpecError
 from raydsnas.data.pipeline import DataSpec
 from raydsnas.space import SearchSpace
@@ -405,10 +406,7 @@ def _parse_space(raw: dict) -> SpaceSection:
         raise ConfigError(f"space.num_classes = {num_classes!r} is not allowed; expected 'auto' "
                           "or an integer >= 1")
     allowed = {f.name for f in fields(SearchSpace) if f.init} - {"num_classes"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"space: unknown key(s) {unknown}; allowed: "
-                          f"{['preset', 'num_classes', *sorted(allowed)]}")
+    check_known("space", raw, ["preset", "num_classes", *sorted(allowed)], ConfigError)
     _check_types("space", SearchSpace, raw)
     section = SpaceSection(preset, num_classes, raw)
     section.build(num_classes if num_classes != "auto" else 10)  # validate the values now
@@ -431,10 +429,7 @@ def _parse_search(raw: dict) -> SearchSection:
                                    for k, owners in foreign.items())
             + f", not to search.strategy = {strategy!r}; keys allowed for {strategy!r}: "
             f"{sorted(job_keys | own)}")
-    unknown = sorted(set(raw) - own)
-    if unknown:
-        raise ConfigError(f"search: unknown key(s) {unknown}; allowed: "
-                          f"{sorted(job_keys | own)}")
+    check_known("search", set(raw) - own, sorted(job_keys | own), ConfigError)
     _check_types("search", STRATEGY_REGISTRY[strategy].config, raw)
     for key in ("epochs", "global_batch_size", "lr_reference_batch", "eval_every",
                 "checkpoint_every", "log_every"):
@@ -515,11 +510,9 @@ def _check_s3_options(key: str, uri: str, options: Mapping[str, Any]) -> None:
 
     if not uri.startswith("s3://"):
         return
-    unknown = sorted(set(options) - set(S3_OPTION_KEYS) - set(SECRET_KEYS))
-    if unknown:
-        allowed = [k for k in S3_OPTION_KEYS if k not in SECRET_KEYS
-                   and k not in ("access_key_id", "secret_access_key")]
-        raise ConfigError(f"{key}: unknown key(s) {unknown} for {uri}; allowed: {allowed}")
+    check_known(key, set(options) - set(SECRET_KEYS),
+                [k for k in S3_OPTION_KEYS if k not in SECRET_KEYS], ConfigError,
+                suffix=f" for {uri}")
 
 
 def _is_int(value: Any) -> bool:
@@ -527,20 +520,15 @@ def _is_int(value: Any) -> bool:
 
 
 def _known(section: str, cls: type, raw: Mapping[str, Any]) -> None:
-    allowed = [f.name for f in fields(cls)]
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{section}: unknown key(s) {unknown}; allowed: {allowed}")
+    check_known(section, raw, [f.name for f in fields(cls)], ConfigError)
 
 
 def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; expected one of {list(allowed)}")
+    check(value in allowed, key, value, f"one of {list(allowed)}", ConfigError)
 
 
 def _check_range(key: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise ConfigError(f"{key} = {value!r} is not allowed; expected a number >= {minimum}")
+    check(value >= minimum, key, value, f"a number >= {minimum}", ConfigError)
 
 
 def _check_types(section: str, cls: type, raw: dict) -> None:

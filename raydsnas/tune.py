@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raydsnas.checks import check_known
 from raydsnas.config import ConfigError, apply_override, parse_config, read_config_file
 from raydsnas.data.errors import DataError
 
@@ -83,9 +84,7 @@ def parse_sweep(raw: Mapping[str, Any], job_raw: dict) -> SweepConfig:
     """Validate the `sweep` section; every swept key is tried on the job config now."""
     allowed = ("params", "num_samples", "max_concurrent_trials", "metric", "mode", "scheduler",
                "trial_resources")
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise ConfigError(f"sweep: unknown key(s) {unknown}; allowed: {list(allowed)}")
+    check_known("sweep", raw, allowed, ConfigError)
     params_raw = raw.get("params") or {}
     if not isinstance(params_raw, Mapping) or not params_raw:
         raise ConfigError("sweep.params must map at least one dotted config key to "
@@ -126,10 +125,8 @@ def parse_sweep(raw: Mapping[str, Any], job_raw: dict) -> SweepConfig:
         if kind not in SCHEDULERS:
             raise ConfigError(f"sweep.scheduler = {sweep.scheduler!r} is not allowed; expected "
                               "null or {type: asha, metric, grace_period, reduction_factor}")
-        extra = sorted(set(sweep.scheduler) - {"type", "metric", "mode", "grace_period",
-                                               "reduction_factor"})
-        if extra:
-            raise ConfigError(f"sweep.scheduler: unknown key(s) {extra}")
+        check_known("sweep.scheduler", sweep.scheduler,
+                    ("type", "metric", "mode", "grace_period", "reduction_factor"), ConfigError)
     return sweep
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from raydsnas.checks import check, check_known
 from raydsnas.space.blocks import CHOICE_NAMES, BlockSpec, ConvBN, choice_spec
 
 Arch = Sequence[int]
@@ -125,10 +126,7 @@ class SearchSpace:
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
         """The space of a config or a record. A record written before `bn_eps` existed
         (no such key) was trained with PyTorch's default, 1e-5."""
-        allowed = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"space: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        check_known("space", data, sorted(f.name for f in fields(cls) if f.init))
         return cls(**{"bn_eps": LEGACY_BN_EPS, **data})
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,5 +242,4 @@ class SearchSpace:
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"space.{key} = {value!r} is not allowed; expected {allowed}")
+    check(ok, f"space.{key}", value, allowed)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from raydsnas import checks
 from raydsnas.space import SearchSpace
 from raydsnas.space.child import ChildNet
 from raydsnas.strategies.collective import Collective, LocalCollective, mean_over_ranks
@@ -41,8 +42,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 # -- the shared vocabulary -----------------------------------------------------------------------
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """A strategy config's error: `search.<key> = <value> is not allowed; expected <allowed>`."""
-    if not ok:
-        raise ValueError(f"search.{key} = {value!r} is not allowed; expected {allowed}")
+    checks.check(ok, f"search.{key}", value, allowed)
 
 
 @dataclass
@@ -210,10 +210,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"search: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        checks.check_known("search", data, sorted(f.name for f in fields(cls)))
         return cls(**data)
 
 
