@@ -27,6 +27,7 @@ import yaml
 
 from raydsnas.checks import check, check_known
 from raydsnas.data.errors import DataSpecError
+from raydsnas.data.storage import CREDENTIAL_KEYS, S3_OPTION_KEYS
 from raydsnas.data.pipeline import DataSpec
 from raydsnas.space import SearchSpace
 from raydsnas.strategies import STRATEGIES as STRATEGY_REGISTRY
@@ -34,8 +35,6 @@ from raydsnas.strategies import TrainingConfig
 
 STRATEGIES = tuple(STRATEGY_REGISTRY)
 SPACE_PRESETS = ("cifar", "imagenet", "custom")
-SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token", "key", "secret", "token",
-               "password")
 
 
 class ConfigError(ValueError):
@@ -343,7 +342,7 @@ def parse_config(raw: Mapping[str, Any]) -> JobConfig:
                           "'per_rank': ranks run different blocks, so their BatchNorm "
                           "all-reduces would not match; use sampling 'shared' or sync_bn false")
     _check_s3_options("data.storage_options", data.uri, data.storage_options)
-    secret = sorted(k for k in data.storage_options if k in SECRET_KEYS)
+    secret = sorted(k for k in data.storage_options if k in CREDENTIAL_KEYS)
     if secret:
         raise ConfigError(f"data.storage_options {secret} are credentials: they never go in a "
                           "config file. Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the "
@@ -489,7 +488,7 @@ def _parse_storage(raw: Mapping[str, Any]) -> StorageSection:
     _known("storage", StorageSection, raw)
     _check_types("storage", StorageSection, raw)
     options = dict(raw.get("options", {}))
-    secret = sorted(k for k in options if k in SECRET_KEYS)
+    secret = sorted(k for k in options if k in CREDENTIAL_KEYS)
     if secret:
         raise ConfigError(f"storage.options {secret} are credentials: they never go in a config "
                           "file. Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment "
@@ -506,12 +505,10 @@ def _parse_storage(raw: Mapping[str, Any]) -> StorageSection:
 def _check_s3_options(key: str, uri: str, options: Mapping[str, Any]) -> None:
     """Unknown object-store options fail here, before Ray starts (credentials are refused
     separately, with where they go instead)."""
-    from raydsnas.data.storage import S3_OPTION_KEYS
-
     if not uri.startswith("s3://"):
         return
-    check_known(key, set(options) - set(SECRET_KEYS),
-                [k for k in S3_OPTION_KEYS if k not in SECRET_KEYS], ConfigError,
+    check_known(key, set(options) - set(CREDENTIAL_KEYS),
+                [k for k in S3_OPTION_KEYS if k not in CREDENTIAL_KEYS], ConfigError,
                 suffix=f" for {uri}")
 
 

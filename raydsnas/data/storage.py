@@ -50,9 +50,10 @@ S3_OPTION_KEYS = (
     "connect_timeout",
     "request_timeout",
 )
-SECRET_OPTION_KEYS = frozenset(
-    {"secret_access_key", "session_token", "password", "token", "secret"}
-)
+# Credentials under the names pyarrow, s3fs and fsspec give them: never in a config file
+# (raydsnas.config refuses them there), and redacted wherever options are shown.
+CREDENTIAL_KEYS = ("access_key_id", "secret_access_key", "session_token", "key", "secret",
+                   "token", "password")
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # How pyarrow's and fsspec's OSErrors say that the store, not the file, failed.
 UNREACHABLE_MARKERS = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Connection refused")
@@ -68,9 +69,9 @@ STORE_FAILURE_MARKERS = (*UNREACHABLE_MARKERS, *ACCESS_DENIED_MARKERS, "AWS Erro
 
 
 def redact_storage_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of `storage_options` fit for logs and reprs: secret values replaced by '***'."""
+    """A copy of `storage_options` fit for logs and reprs: credentials replaced by '***'."""
     return {
-        key: "***" if key in SECRET_OPTION_KEYS and value else value
+        key: "***" if key in CREDENTIAL_KEYS and value else value
         for key, value in (storage_options or {}).items()
     }
 
