@@ -143,7 +143,7 @@ def load_data(uri: str, image_size: int, batch_size: int) -> TensorBatches:
         return DATA_SETS[uri](image_size, batch_size)
     if uri.startswith("synthetic:"):
         from raydsnas.data.pipeline import normalize
-        from raydsnas.train.synthetic import SyntheticData
+        from raydsnas.data.synthetic import SyntheticData
 
         synthetic = SyntheticData.parse(uri, image_size, seed=0)
         (ti, tl), (vi, vl) = synthetic._split("train"), synthetic._split("val")

@@ -291,8 +291,8 @@ def dataset_facts(job: JobConfig) -> tuple[int, int, int]:
     from raydsnas.data.builtin import BUILTIN_PREFIX, builtin_shard_set
     from raydsnas.data.format import read_manifest
     from raydsnas.data.storage import resolve_filesystem, storage_errors
-    from raydsnas.train.synthetic import PREFIX as SYNTHETIC
-    from raydsnas.train.synthetic import SyntheticData
+    from raydsnas.data.synthetic import PREFIX as SYNTHETIC
+    from raydsnas.data.synthetic import SyntheticData
 
     if job.data.uri.startswith(SYNTHETIC):
         data = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed)

@@ -32,13 +32,13 @@ from raydsnas.data.storage import (
     resolve_filesystem,
     storage_errors,
 )
+from raydsnas.data.synthetic import PREFIX as SYNTHETIC
+from raydsnas.data.synthetic import SyntheticData
 from raydsnas.export import read_record
 from raydsnas.local_ray import start_local_ray
 from raydsnas.train.autoscaler import AutoscalerWatch
 from raydsnas.train.loop import train_func
 from raydsnas.train.provenance import reconcile
-from raydsnas.train.synthetic import PREFIX as SYNTHETIC
-from raydsnas.train.synthetic import SyntheticData
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's registry of checkpoints
 CHECKPOINT_DIR = re.compile(r"epoch_(\d{6})-[0-9a-f]{8}")

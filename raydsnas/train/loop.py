@@ -27,14 +27,14 @@ import torch
 from raydsnas.config import JobConfig, parse_config
 from raydsnas.data.pipeline import iter_train_batches, normalize
 from raydsnas.data.storage import join_path, resolve_filesystem
+from raydsnas.data.synthetic import PREFIX as SYNTHETIC
+from raydsnas.data.synthetic import SyntheticData
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_bn
 from raydsnas.export import save_child
 from raydsnas.strategies import Collective, build_strategy, default_collective
 from raydsnas.strategies.base import SearchStrategy
 from raydsnas.train.events import EventLog
 from raydsnas.train.sync_bn import average_bn_buffers, use_global_batch_norm
-from raydsnas.train.synthetic import PREFIX as SYNTHETIC
-from raydsnas.train.synthetic import SyntheticData
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
