@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from raydsnas.data.errors import DataSpecError
-from raydsnas.data.pipeline import DataSpec
+from raydsnas.data.spec import DataSpec
 from raydsnas.space import SearchSpace
 from raydsnas.strategies import STRATEGIES as STRATEGY_REGISTRY
 from raydsnas.strategies.dsnas import DSNASConfig

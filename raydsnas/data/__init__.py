@@ -119,7 +119,7 @@ _EXPORTS = {
     "ShardEntry": "raydsnas.data.format",
     "SplitInfo": "raydsnas.data.format",
     "DataSets": "raydsnas.data.pipeline",
-    "DataSpec": "raydsnas.data.pipeline",
+    "DataSpec": "raydsnas.data.spec",
     "IMAGENET_MEAN": "raydsnas.data.pipeline",
     "IMAGENET_STD": "raydsnas.data.pipeline",
     "SkippedImages": "raydsnas.data.pipeline",
