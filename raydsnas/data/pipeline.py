@@ -7,16 +7,13 @@ import copy
 import io
 import math
 import os
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.util
@@ -26,25 +23,22 @@ from ray.data import ExecutionOptions, ExecutionResources
 from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 
-from raydsnas.data.builtin import BUILTIN_PREFIX, builtin_shard_set
 from raydsnas.data.errors import (
     CorruptImageError,
     DataSpecError,
     LabelOutOfRangeError,
-    ShardFormatError,
 )
 from raydsnas.data.format import (
-    FOOTER_CHECK_THREADS,
     Manifest,
     read_manifest,
     read_shard_tables,
     verify_shards,
 )
-from raydsnas.data.selection import KeyFilter, selection_mask, stable_key_hash
+from raydsnas.data.selection import KeyFilter, stable_key_hash
+from raydsnas.data.sources import count_held_out, shard_set_location, source_kind
 from raydsnas.data.spec import DataSpec
 from raydsnas.data.storage import (
     is_local_uri,
-    is_store_failure,
     join_path,
     resolve_filesystem,
     storage_errors,
@@ -263,11 +257,7 @@ def build_datasets(
     """
     if not 0 <= selection_fraction < 1:
         raise ValueError(f"selection_fraction = {selection_fraction!r}: expected [0, 1)")
-    if spec.uri.startswith(BUILTIN_PREFIX):
-        uri = builtin_shard_set(spec.uri[len(BUILTIN_PREFIX) :])
-        storage_options: Mapping[str, Any] = {}
-    else:
-        uri, storage_options = spec.uri.rstrip("/"), spec.storage_options
+    uri, storage_options = shard_set_location(spec)
     fs, root = resolve_filesystem(uri, storage_options)
     with storage_errors(uri, storage_options):
         manifest = read_manifest(fs, root, uri)
@@ -279,14 +269,7 @@ def build_datasets(
                 )
             verify_shards(fs, root, uri, manifest, split)
         num_train = manifest.splits["train"].num_samples
-        num_select = (
-            count_selection(fs, root, manifest, selection_fraction) if selection_fraction else 0
-        )
-    if selection_fraction and num_select == 0:
-        raise DataSpecError(
-            f"data.uri = {spec.uri!r}: search.selection_fraction = {selection_fraction} holds "
-            f"out none of the {num_train} training samples; raise it or use a larger data set"
-        )
+        num_select = count_held_out(fs, root, manifest, spec, selection_fraction)
     if not ray.is_initialized():
         # What Ray Data would do on first use (the node address below needs it now): the
         # cluster RAY_ADDRESS names, else a new local one (not a stale `ray start` head's).
@@ -304,7 +287,7 @@ def build_datasets(
         spec=spec,
         skipped=skipped,
         # The built-in cache exists on the driver's node only: read it there.
-        driver_node_only=spec.uri.startswith(BUILTIN_PREFIX),
+        driver_node_only=source_kind(spec.uri) == "builtin",
     )
     train = split_dataset(
         split="train",
@@ -326,30 +309,6 @@ def build_datasets(
             key_filter=KeyFilter(selection_fraction, selected=True),
         )
     return DataSets(train, val, manifest, skipped, select, num_train - num_select, num_select)
-
-
-def count_selection(
-    fs: pafs.FileSystem, root: str, manifest: Manifest, fraction: float
-) -> int:
-    """How many training rows the selection split at `fraction` holds, from the `key` column
-    of every training shard (a small column: ~1% of an image shard's bytes)."""
-
-    def count(path: str) -> int:
-        try:
-            with fs.open_input_file(join_path(root, path)) as stream:
-                keys = pq.ParquetFile(stream).read(columns=["key"]).column("key").to_pylist()
-        except (OSError, pa.ArrowException) as error:
-            if isinstance(error, OSError) and is_store_failure(str(error)):
-                raise  # storage_errors() names the store's failure
-            raise ShardFormatError(
-                f"shard {manifest.root}/{path} is corrupt: its key column cannot be read "
-                f"({type(error).__name__}: {str(error).strip()})"
-            ) from None
-        return int(selection_mask(keys, fraction).sum())
-
-    shards = [entry.path for entry in manifest.splits["train"].shards]
-    with ThreadPoolExecutor(FOOTER_CHECK_THREADS) as pool:
-        return sum(pool.map(count, shards))
 
 
 class ShardDatasource(ray.data.Datasource):

@@ -3,8 +3,9 @@ job file), validated on construction.
 
 Ray-free on purpose (numpy, PIL and pyarrow's filesystem layer at most, through
 `raydsnas.data.builtin` and `raydsnas.data.storage`): `raydsnas.config` builds a `DataSpec` for
-every job, so `--print-config` and `--dry-run` must not pay for importing Ray. The reading
-pipeline that uses it is `raydsnas.data.pipeline`.
+every job, so `--print-config` and `--dry-run` must not pay for importing Ray. The sources a
+`uri` can name are opened by `raydsnas.data.sources`; shard sets are read by
+`raydsnas.data.pipeline`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class DataSpec:
     value raises `DataSpecError` naming the key (`data.<field>`), the value and what is allowed.
 
     Attributes:
-        uri: shard-set root: a local path, `s3://bucket/prefix` or `builtin:<name>`.
+        uri: the source (`raydsnas.data.sources`): a shard-set root (a local path or
+            `s3://bucket/prefix`), `builtin:<name>` or `synthetic:<classes>/<train>/<val>`.
         image_size: side of the square crops fed to the network.
         storage_options: object-store options (see `raydsnas.data.storage`); secrets are
             redacted from `repr`.
