@@ -25,10 +25,9 @@ import ray.train
 import torch
 
 from raydsnas.config import JobConfig, parse_config
-from raydsnas.data.pipeline import iter_train_batches, normalize
+from raydsnas.data.pipeline import normalize
+from raydsnas.data.sources import WorkerData
 from raydsnas.data.storage import join_path, resolve_filesystem
-from raydsnas.data.synthetic import PREFIX as SYNTHETIC
-from raydsnas.data.synthetic import SyntheticData
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_bn
 from raydsnas.export import save_child
 from raydsnas.strategies import Collective, build_strategy, default_collective
@@ -356,13 +355,10 @@ class Batches:
         self.step_of = step_of  # the strategy's step counter, checked across ranks each step
         self.per_worker, self.steps = per_worker, steps_per_epoch
         self.device, self.channels_last = device, channels_last
-        self.synthetic = None
         # The selection split (SPOS/random): held out of `train` by the driver's datasets (or
         # here, for synthetic data), read by `evaluate(split="select")`.
         self.selection_fraction = job.search.selection_fraction
-        if job.data.uri.startswith(SYNTHETIC):
-            self.synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed,
-                                                 self.selection_fraction)
+        self.source = WorkerData(job.data, self.selection_fraction, rank, world)
 
     def _prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = normalize(batch["image"], self.device, channels_last=self.channels_last)
@@ -372,12 +368,7 @@ class Batches:
         """This rank's batches of one epoch (`limit`: only the first few, e.g. for BN
         recalibration after the last epoch)."""
         steps = min(self.steps, limit or self.steps)
-        if self.synthetic is not None:
-            source = self.synthetic.train_batches(epoch, self.rank, self.world,
-                                                  self.per_worker * self.world, steps)
-        else:
-            source = iter_train_batches(ray.train.get_dataset_shard("train"), self.job.data,
-                                        epoch=epoch, batch_size=self.per_worker, rank=self.rank)
+        source = self.source.train_batches(epoch, self.per_worker, steps)
         collective = default_collective()
         for _ in range(steps):
             batch = next(source, None)
@@ -409,13 +400,7 @@ class Batches:
             raise ValueError("no selection split: search.strategy "
                              f"{self.job.search.strategy!r} has no selection_fraction")
         prefix = split if prefix is None else prefix
-        if self.synthetic is not None:
-            batches = (self.synthetic.val_batches if split == "val"
-                       else self.synthetic.select_batches)
-            source = batches(self.rank, self.world, self.per_worker)
-        else:
-            source = ray.train.get_dataset_shard(split).iter_torch_batches(
-                batch_size=self.per_worker, drop_last=False, device="cpu")
+        source = self.source.eval_batches(split, self.per_worker)
         sums = torch.zeros(4, dtype=torch.float64)
         with torch.no_grad():
             for batch in source:
