@@ -14,8 +14,8 @@
   worker makes for itself).
 - `WorkerData(spec, selection_fraction, rank, world)`, in a Ray Train worker: this rank's batches
   of each split, uint8 images and int64 labels on the CPU.
-- `in_memory_splits(uri, image_size)`: the whole train and val splits as tensors, for in-process
-  users without Ray (`raydsnas.analysis`); built-in and synthetic sets only.
+- `in_memory_splits(uri, image_size)`: the whole train and val splits as uint8 tensors, for
+  in-process users (`raydsnas.analysis`); built-in and synthetic sets only.
 
 Importing this module does not import Ray; only `open_source` and `WorkerData` on a shard set do.
 """
