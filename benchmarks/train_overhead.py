@@ -24,7 +24,7 @@ import torch
 def plain_steps(args, space, cfg) -> float:
     from raydsnas import DSNAS
     from raydsnas.data.pipeline import normalize
-    from raydsnas.train.synthetic import SyntheticData
+    from raydsnas.data.synthetic import SyntheticData
 
     torch.set_num_threads(args.workers)
     data = SyntheticData(10, args.batch * args.steps, 64, 32, 0)

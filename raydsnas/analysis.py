@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
@@ -98,30 +97,14 @@ def load_supernet(checkpoint: str | Path, device: str = "cpu"):
     return space, supernet.to(device)
 
 
-def digits_data(image_size: int, batch_size: int) -> TensorBatches:
-    """scikit-learn's digits as normalised tensors, with the built-in set's train/val split."""
-    from sklearn.datasets import load_digits
+def load_data(uri: str, image_size: int, batch_size: int) -> TensorBatches:
+    """A built-in or synthetic set (`in_memory_splits`) as normalised tensors at `image_size`."""
+    from raydsnas.data.sources import in_memory_splits
 
-    from raydsnas.data.builtin import DIGITS_TRAIN_SAMPLES
-
-    digits = load_digits()
-    pixels = torch.from_numpy(np.round(digits.images * (255 / 16)).astype(np.uint8))
-    images = _resized_rgb(pixels.unsqueeze(1).expand(-1, 3, -1, -1), image_size)
-    labels = torch.from_numpy(digits.target).long()
-    n = DIGITS_TRAIN_SAMPLES
-    return TensorBatches((images[:n], labels[:n]), (images[n:], labels[n:]), batch_size)
-
-
-def shapes_data(image_size: int, batch_size: int) -> TensorBatches:
-    """`builtin:shapes` as normalised tensors: the pixels its PNGs hold, its train/val split."""
-    from raydsnas.data.builtin import shapes_arrays
-
-    def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = shapes_arrays(name)
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
-        return _resized_rgb(pixels, image_size), torch.from_numpy(labels)
-
-    return TensorBatches(split("train"), split("val"), batch_size)
+    (train_images, train_labels), (val_images, val_labels) = in_memory_splits(
+        uri, image_size, name="--data")
+    return TensorBatches((_resized_rgb(train_images, image_size), train_labels),
+                         (_resized_rgb(val_images, image_size), val_labels), batch_size)
 
 
 def _resized_rgb(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -132,23 +115,6 @@ def _resized_rgb(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
         pixels = F.interpolate(pixels.float(), size=(image_size, image_size), mode="bilinear",
                                align_corners=False).round().clamp(0, 255).to(torch.uint8)
     return normalize(pixels.contiguous())
-
-
-DATA_SETS = {"builtin:digits": digits_data, "builtin:shapes": shapes_data}
-
-
-def load_data(uri: str, image_size: int, batch_size: int) -> TensorBatches:
-    if uri in DATA_SETS:
-        return DATA_SETS[uri](image_size, batch_size)
-    if uri.startswith("synthetic:"):
-        from raydsnas.data.pipeline import normalize
-        from raydsnas.train.synthetic import SyntheticData
-
-        synthetic = SyntheticData.parse(uri, image_size, seed=0)
-        (ti, tl), (vi, vl) = synthetic._split("train"), synthetic._split("val")
-        return TensorBatches((normalize(ti), tl), (normalize(vi), vl), batch_size)
-    raise ValueError(f"--data {uri!r} is not allowed; expected one of {sorted(DATA_SETS)} or "
-                     "'synthetic:<classes>/<train>/<val>'")
 
 
 def search_score(supernet, arch: list[int], data: TensorBatches, bn_batches: int) -> float:

@@ -27,8 +27,8 @@ import yaml
 
 from raydsnas.checks import check, check_known
 from raydsnas.data.errors import DataSpecError
+from raydsnas.data.spec import DataSpec
 from raydsnas.data.storage import CREDENTIAL_KEYS, S3_OPTION_KEYS
-from raydsnas.data.pipeline import DataSpec
 from raydsnas.space import SearchSpace
 from raydsnas.strategies import STRATEGIES as STRATEGY_REGISTRY
 from raydsnas.strategies import TrainingConfig

@@ -197,12 +197,22 @@ def load_cluster(path: str | Path) -> Capacity:
                     autoscaler=autoscaler)
 
 
+def physical_memory_bytes() -> float:
+    """This machine's RAM (what `psutil.virtual_memory().total` says). From `os.sysconf` where
+    there is one: psutil comes only with Ray (its vendored copy is importable once Ray is), and
+    the dry run does not import Ray."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        import ray  # noqa: F401, I001  (first: it puts its vendored psutil on sys.path)
+        import psutil
+
+        return float(psutil.virtual_memory().total)
+
+
 def local_capacity() -> Capacity:
     """This machine, as a local `ray.init()` would see it."""
-    import psutil
-
-    resources = {"CPU": float(os.cpu_count() or 1),
-                 "memory": float(psutil.virtual_memory().total)}
+    resources = {"CPU": float(os.cpu_count() or 1), "memory": physical_memory_bytes()}
     gpu_gib, bf16 = None, None
     if torch.cuda.is_available():
         resources["GPU"] = float(torch.cuda.device_count())
@@ -284,28 +294,6 @@ def estimate_memory(space: SearchSpace, batch: int, *, world: int, amp: bool = F
         inputs=batch * space.in_channels * space.input_size ** 2 * (4 + 1))
 
 
-def dataset_facts(job: JobConfig) -> tuple[int, int, int]:
-    """(classes, train samples, val samples) from the data set's manifest."""
-    from raydsnas.data.builtin import BUILTIN_PREFIX, builtin_shard_set
-    from raydsnas.data.format import read_manifest
-    from raydsnas.data.storage import resolve_filesystem, storage_errors
-    from raydsnas.train.synthetic import PREFIX as SYNTHETIC
-    from raydsnas.train.synthetic import SyntheticData
-
-    if job.data.uri.startswith(SYNTHETIC):
-        data = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed)
-        return data.num_classes, data.num_train, data.num_val
-    if job.data.uri.startswith(BUILTIN_PREFIX):
-        uri, options = builtin_shard_set(job.data.uri[len(BUILTIN_PREFIX):]), {}
-    else:
-        uri, options = job.data.uri.rstrip("/"), job.data.storage_options
-    fs, root = resolve_filesystem(uri, options)
-    with storage_errors(uri, options):
-        manifest = read_manifest(fs, root, uri)
-    counts = {name: split.num_samples for name, split in manifest.splits.items()}
-    return manifest.num_classes, counts.get("train", 0), counts.get("val", 0)
-
-
 # -- the preflight -------------------------------------------------------------------------------
 def preflight(job: JobConfig, capacity: Capacity, *,
               gpu_memory_gib: float | None = None) -> Preflight:
@@ -313,11 +301,14 @@ def preflight(job: JobConfig, capacity: Capacity, *,
     that cannot be read (no bucket, no credentials, ...) is a problem, but every check that
     does not need it still runs (with the space's class count, or the preset's default)."""
     from raydsnas.data.errors import DataError
+    from raydsnas.data.sources import describe_source
     from raydsnas.strategies import STRATEGIES
 
     data_error = None
     try:
-        num_classes, num_train, num_val = dataset_facts(job)
+        # Classes and split sizes: a shard set's from its manifest alone.
+        facts = describe_source(job.data)
+        num_classes, num_train, num_val = facts.num_classes, facts.num_train, facts.num_val
     except DataError as err:
         data_error = str(err)
         num_train = num_val = 0
@@ -358,6 +349,8 @@ def preflight(job: JobConfig, capacity: Capacity, *,
 
 
 def _check_fit(pf: Preflight) -> None:
+    from raydsnas.data.sources import source_kind
+
     job, (low, high) = pf.job, pf.worker_counts
     search, scaling = job.search, job.scaling
     problem, warn = pf.problems.append, pf.warnings.append
@@ -408,13 +401,13 @@ def _check_fit(pf: Preflight) -> None:
     elif fit < high:
         warn(f"{pf.capacity.source} holds at most {fit} of the {high} workers: the elastic run "
              f"will stay at {fit}")
+    reads_with_ray_data = source_kind(job.data.uri) != "synthetic"
     for node in pf.capacity.node_types:
         cpus = node.resources.get("CPU", 0)
         if node.name in types and cpus:
             per_node = min([high] + [math.floor(node.resources.get(k, 0) / v + 1e-9)
                                      for k, v in pf.per_worker_resources.items() if v > 0])
-            if cpus - per_node * scaling.cpus_per_worker < 1 and not job.data.uri.startswith(
-                    "synthetic:"):
+            if cpus - per_node * scaling.cpus_per_worker < 1 and reads_with_ray_data:
                 warn(f"node type {node.name}: its {per_node} workers take all {cpus:g} CPUs; "
                      "Ray Data's read and decode tasks need free CPUs (lower "
                      "scaling.cpus_per_worker)")

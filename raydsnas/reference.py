@@ -45,7 +45,7 @@ def sections() -> list[Section]:
         SpaceSection,
         StorageSection,
     )
-    from raydsnas.data.pipeline import DataSpec
+    from raydsnas.data.spec import DataSpec
     from raydsnas.space import SearchSpace
     from raydsnas.strategies import TrainingConfig
     from raydsnas.tune import SweepConfig

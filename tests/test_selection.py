@@ -9,9 +9,9 @@ import torch
 from raydsnas import SearchSpace
 from raydsnas.config import ConfigError, load_config
 from raydsnas.data.selection import index_key, index_selection_mask, is_selected
+from raydsnas.data.synthetic import SyntheticData
 from raydsnas.data.tensors import TensorBatches
 from raydsnas.strategies import STRATEGIES, build_strategy
-from raydsnas.train.synthetic import SyntheticData
 
 SPACE = SearchSpace(num_classes=4, input_size=8, width_mult=0.25, stage_repeats=(1, 1, 1, 1),
                     stem_stride=1, dropout=0.0)

@@ -289,8 +289,8 @@ def ray_job_sets(storage, name: str, **extra) -> list[str]:
 @pytest.mark.slow
 def test_spos_with_finetune_on_two_workers_and_snas_run_through_ray_train(ray_local, tmp_path):
     from raydsnas.config import load_config
+    from raydsnas.data.synthetic import SyntheticData
     from raydsnas.train.launcher import run_search
-    from raydsnas.train.synthetic import SyntheticData
     from tests.test_search_job import final_state
 
     space = SearchSpace.cifar(4, width_mult=0.25, stage_repeats=(1, 1, 1, 1))

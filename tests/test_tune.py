@@ -14,8 +14,8 @@ import yaml
 
 from raydsnas import load_child
 from raydsnas.data.pipeline import normalize
+from raydsnas.data.synthetic import SyntheticData
 from raydsnas.evaluation import evaluate
-from raydsnas.train.synthetic import SyntheticData
 
 JOB = {
     "space": {"preset": "cifar", "num_classes": "auto", "input_size": 16, "width_mult": 0.25,

@@ -18,6 +18,15 @@ shared storage (S3): a local DST is written on whichever node runs each task.
 Validation: `--val-src` (e.g. ImageNet's val folder, same classes) or `--val-fraction F` (a fixed
 seeded per-class hold-out of SRC).
 
+Sources
+-------
+`data.uri` names a shard set (a local path or `s3://bucket/prefix`), a built-in set
+(`builtin:<name>`, below) or `synthetic:<classes>/<train>/<val>` (an in-memory task each worker
+makes itself, `raydsnas.data.synthetic`). `raydsnas.data.sources` opens all three:
+`describe_source(spec)` (classes and split sizes, no Ray), `open_source(spec)` in the driver (the
+Ray Datasets for Ray Train), `WorkerData` in a worker (its batches of each split). `DataSpec`
+(`raydsnas.data.spec`) imports no Ray.
+
 Reading
 -------
     spec = DataSpec(uri="s3://bucket/imagenet", image_size=224, seed=0)
@@ -119,7 +128,6 @@ _EXPORTS = {
     "ShardEntry": "raydsnas.data.format",
     "SplitInfo": "raydsnas.data.format",
     "DataSets": "raydsnas.data.pipeline",
-    "DataSpec": "raydsnas.data.pipeline",
     "IMAGENET_MEAN": "raydsnas.data.pipeline",
     "IMAGENET_STD": "raydsnas.data.pipeline",
     "SkippedImages": "raydsnas.data.pipeline",
@@ -128,10 +136,18 @@ _EXPORTS = {
     "iter_train_batches": "raydsnas.data.pipeline",
     "local_shuffle_seed": "raydsnas.data.pipeline",
     "normalize": "raydsnas.data.pipeline",
+    "SourceFacts": "raydsnas.data.sources",
+    "WorkerData": "raydsnas.data.sources",
+    "describe_source": "raydsnas.data.sources",
+    "in_memory_splits": "raydsnas.data.sources",
+    "open_source": "raydsnas.data.sources",
+    "source_kind": "raydsnas.data.sources",
+    "DataSpec": "raydsnas.data.spec",
     "redact_storage_options": "raydsnas.data.storage",
     "resolve_filesystem": "raydsnas.data.storage",
     "storage_errors": "raydsnas.data.storage",
     "write_bytes_atomic": "raydsnas.data.storage",
+    "SyntheticData": "raydsnas.data.synthetic",
     "WriteReport": "raydsnas.data.writer",
     "write_shards": "raydsnas.data.writer",
 }
@@ -154,19 +170,26 @@ __all__ = [  # noqa: F822 (resolved by __getattr__)
     "ShardFormatError",
     "ShardSetNotFoundError",
     "SkippedImages",
+    "SourceFacts",
     "SourceFolderError",
     "SplitInfo",
     "StorageError",
     "StorageOptionsError",
+    "SyntheticData",
+    "WorkerData",
     "WriteReport",
     "build_datasets",
     "builtin_shard_set",
+    "describe_source",
     "execution_options",
+    "in_memory_splits",
     "iter_train_batches",
     "local_shuffle_seed",
     "normalize",
+    "open_source",
     "redact_storage_options",
     "resolve_filesystem",
+    "source_kind",
     "storage_errors",
     "write_bytes_atomic",
     "write_shards",

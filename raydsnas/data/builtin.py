@@ -6,8 +6,9 @@ back by the same `read_parquet` + decode path.
 images, 8x8, 10 classes "0".."9"). Each image is stored as an 8-bit grayscale PNG with pixel
 value round(v * 255 / 16) (the originals are 0..16) and decoded to 3 identical channels like every
 image. Fixed split by position in `load_digits()`: train = samples 0..1499 (1500 images),
-val = samples 1500..1796 (297 images). Keys are "<digit>/<position:04d>.png". Upscale it (e.g.
-`image_size: 32`) and prefer mild crops (`crop_scale: [0.5, 1.0]`) and no flips (`hflip: false`).
+val = samples 1500..1796 (297 images). Keys are "<digit>/<position:04d>.png";
+`digits_arrays(split)` gives the pixels in memory. Upscale it (e.g. `image_size: 32`) and prefer
+mild crops (`crop_scale: [0.5, 1.0]`) and no flips (`hflip: false`).
 
 `builtin:shapes` -- a procedurally generated set, larger and harder than digits and needing no
 download: 16x16 RGB PNGs, 24 classes = 8 shape kinds (disc, ring, square, frame, triangle, cross,
@@ -69,6 +70,18 @@ def cache_root() -> Path:
         return Path(os.environ["RAYDSNAS_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "raydsnas"
+
+
+def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images (uint8 [N, 8, 8] grayscale, the pixels its PNGs hold) and labels (int64 [N])
+    of a split of `builtin:digits`, in position order."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    part = slice(None, DIGITS_TRAIN_SAMPLES) if split == "train" else \
+        slice(DIGITS_TRAIN_SAMPLES, None)
+    pixels = np.round(digits.images[part] * (255 / 16)).astype(np.uint8)
+    return pixels, digits.target[part].astype(np.int64)
 
 
 def write_digits_folders(train_dir: Path, val_dir: Path) -> None:

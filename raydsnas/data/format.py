@@ -1,6 +1,6 @@
 """The shard format: Parquet files of `{image: binary, label: int64, key: string}` rows plus one
 `_manifest.json` that lists them. Written by `raydsnas.data.writer`, read by
-`raydsnas.data.pipeline`.
+`raydsnas.data.pipeline` (and, the manifest and keys alone, by `raydsnas.data.sources`).
 
 Layout at a shard-set root `DST`:
 
@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydsnas.data.errors import LabelOutOfRangeError, ShardFormatError, ShardSetNotFoundError
+from raydsnas.data.selection import selection_mask
 from raydsnas.data.storage import is_store_failure, join_path, read_bytes, write_bytes_atomic
 
 FORMAT_VERSION = 1
@@ -302,6 +303,30 @@ def verify_shards(fs: pafs.FileSystem, root: str, uri: str, manifest: Manifest, 
 
     with ThreadPoolExecutor(FOOTER_CHECK_THREADS) as pool:
         list(pool.map(check, manifest.splits[split].shards))
+
+
+def count_selection(
+    fs: pafs.FileSystem, root: str, manifest: Manifest, fraction: float
+) -> int:
+    """How many training rows the selection split at `fraction` holds, from the `key` column
+    of every training shard (a small column: ~1% of an image shard's bytes)."""
+
+    def count(path: str) -> int:
+        try:
+            with fs.open_input_file(join_path(root, path)) as stream:
+                keys = pq.ParquetFile(stream).read(columns=["key"]).column("key").to_pylist()
+        except (OSError, pa.ArrowException) as error:
+            if isinstance(error, OSError) and is_store_failure(str(error)):
+                raise  # storage_errors() names the store's failure
+            raise ShardFormatError(
+                f"shard {manifest.root}/{path} is corrupt: its key column cannot be read "
+                f"({type(error).__name__}: {str(error).strip()})"
+            ) from None
+        return int(selection_mask(keys, fraction).sum())
+
+    shards = [entry.path for entry in manifest.splits["train"].shards]
+    with ThreadPoolExecutor(FOOTER_CHECK_THREADS) as pool:
+        return sum(pool.map(count, shards))
 
 
 def _label_range(footer: pq.FileMetaData) -> tuple[int | None, int | None]:

@@ -7,16 +7,13 @@ import copy
 import io
 import math
 import os
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.util
@@ -26,26 +23,23 @@ from ray.data import ExecutionOptions, ExecutionResources
 from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 
-from raydsnas.data.builtin import BUILTIN_PREFIX, BUILTIN_SETS, builtin_shard_set
 from raydsnas.data.errors import (
     CorruptImageError,
     DataSpecError,
     LabelOutOfRangeError,
-    ShardFormatError,
 )
 from raydsnas.data.format import (
-    FOOTER_CHECK_THREADS,
     Manifest,
     read_manifest,
     read_shard_tables,
     verify_shards,
 )
-from raydsnas.data.selection import KeyFilter, selection_mask, stable_key_hash
+from raydsnas.data.selection import KeyFilter, stable_key_hash
+from raydsnas.data.sources import count_held_out, shard_set_location, source_kind
+from raydsnas.data.spec import DataSpec
 from raydsnas.data.storage import (
     is_local_uri,
-    is_store_failure,
     join_path,
-    redact_storage_options,
     resolve_filesystem,
     storage_errors,
 )
@@ -54,121 +48,6 @@ from raydsnas.local_ray import start_local_ray
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Where the data is and how to turn it into batches. Validated on construction: an invalid
-    value raises `DataSpecError` naming the key (`data.<field>`), the value and what is allowed.
-
-    Attributes:
-        uri: shard-set root: a local path, `s3://bucket/prefix` or `builtin:<name>`.
-        image_size: side of the square crops fed to the network.
-        storage_options: object-store options (see `raydsnas.data.storage`); secrets are
-            redacted from `repr`.
-        seed: base seed of the file order, the shuffle buffer and the augmentations.
-        shuffle_buffer: rows in each training worker's local shuffle buffer (0: off).
-        skip_corrupt: skip undecodable images (and count them) instead of failing.
-        crop_scale, crop_ratio: RandomResizedCrop area fraction and aspect-ratio ranges.
-        hflip: random horizontal flip during training.
-        val_crop_ratio: validation resizes the shorter side to `image_size / val_crop_ratio`,
-            then centre-crops `image_size` (0.875: 256 -> 224, as for ImageNet).
-        preserve_order: make the row order a pure function of the seed (Ray Data
-            `preserve_order`); costs some throughput.
-        object_store_limit_bytes: cap on the object-store memory the pipeline may hold
-            (None: Ray Data's default share of the object store).
-        keep_keys: also emit each row's `key` (strings: use `iter_batches`, not torch batches).
-        target_block_bytes: largest block the read and decode steps emit, i.e. how many
-            encoded images one decode call takes (8 MiB: ~70 ImageNet JPEGs) and how much
-            memory one task holds.
-    """
-
-    uri: str = f"{BUILTIN_PREFIX}digits"
-    image_size: int = 224
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    shuffle_buffer: int = 1024
-    skip_corrupt: bool = False
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    val_crop_ratio: float = 0.875
-    preserve_order: bool = False
-    object_store_limit_bytes: int | None = None
-    keep_keys: bool = False
-    target_block_bytes: int = 8 * 2**20
-
-    def __post_init__(self) -> None:
-        def fail(name: str, allowed: str) -> None:
-            raise DataSpecError(f"data.{name} = {getattr(self, name)!r}: {allowed}")
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if not isinstance(self.uri, str) or not self.uri.strip():
-            fail("uri", "must be a local path, s3://bucket/prefix or builtin:<name>")
-        if (
-            self.uri.startswith(BUILTIN_PREFIX)
-            and self.uri[len(BUILTIN_PREFIX) :] not in BUILTIN_SETS
-        ):
-            fail(
-                "uri",
-                f"unknown built-in data set; known: {[BUILTIN_PREFIX + n for n in BUILTIN_SETS]}",
-            )
-        if not is_int(self.image_size) or not 4 <= self.image_size <= 4096:
-            fail("image_size", "must be an integer from 4 to 4096")
-        if not isinstance(self.storage_options, Mapping) or not all(
-            isinstance(k, str) for k in self.storage_options
-        ):
-            fail("storage_options", "must be a mapping with string keys")
-        if not is_int(self.seed) or self.seed < 0:
-            fail("seed", "must be a non-negative integer")
-        if not is_int(self.shuffle_buffer) or self.shuffle_buffer < 0:
-            fail("shuffle_buffer", "must be a non-negative integer (0 turns the buffer off)")
-        for name in ("skip_corrupt", "hflip", "preserve_order", "keep_keys"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "must be true or false")
-        object.__setattr__(self, "crop_scale", _pair(self, "crop_scale"))
-        object.__setattr__(self, "crop_ratio", _pair(self, "crop_ratio"))
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            fail("crop_scale", "must be [min, max] with 0 < min <= max <= 1")
-        low, high = self.crop_ratio
-        if not 0 < low <= high:
-            fail("crop_ratio", "must be [min, max] with 0 < min <= max")
-        if not isinstance(self.val_crop_ratio, (int, float)) or not 0 < self.val_crop_ratio <= 1:
-            fail("val_crop_ratio", "must be a number in (0, 1]")
-        if not is_int(self.target_block_bytes) or self.target_block_bytes < 2**16:
-            fail("target_block_bytes", "must be an integer of at least 65536 bytes")
-        if self.object_store_limit_bytes is not None and (
-            not is_int(self.object_store_limit_bytes) or self.object_store_limit_bytes <= 0
-        ):
-            fail("object_store_limit_bytes", "must be a positive integer or null")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DataSpec:
-        """Build from a config mapping (e.g. the `data:` section of a YAML job file)."""
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise DataSpecError(f"data: unknown key(s) {unknown}; allowed: {known}")
-        return cls(**values)
-
-    def __repr__(self) -> str:
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        shown["storage_options"] = redact_storage_options(self.storage_options)
-        return f"DataSpec({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
-
-
-def _pair(spec: DataSpec, name: str) -> tuple[float, float]:
-    value = getattr(spec, name)
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    ):
-        raise DataSpecError(f"data.{name} = {value!r}: must be a pair of numbers [min, max]")
-    return float(value[0]), float(value[1])
 
 
 @ray.remote(num_cpus=0)
@@ -378,11 +257,7 @@ def build_datasets(
     """
     if not 0 <= selection_fraction < 1:
         raise ValueError(f"selection_fraction = {selection_fraction!r}: expected [0, 1)")
-    if spec.uri.startswith(BUILTIN_PREFIX):
-        uri = builtin_shard_set(spec.uri[len(BUILTIN_PREFIX) :])
-        storage_options: Mapping[str, Any] = {}
-    else:
-        uri, storage_options = spec.uri.rstrip("/"), spec.storage_options
+    uri, storage_options = shard_set_location(spec)
     fs, root = resolve_filesystem(uri, storage_options)
     with storage_errors(uri, storage_options):
         manifest = read_manifest(fs, root, uri)
@@ -394,14 +269,7 @@ def build_datasets(
                 )
             verify_shards(fs, root, uri, manifest, split)
         num_train = manifest.splits["train"].num_samples
-        num_select = (
-            count_selection(fs, root, manifest, selection_fraction) if selection_fraction else 0
-        )
-    if selection_fraction and num_select == 0:
-        raise DataSpecError(
-            f"data.uri = {spec.uri!r}: search.selection_fraction = {selection_fraction} holds "
-            f"out none of the {num_train} training samples; raise it or use a larger data set"
-        )
+        num_select = count_held_out(fs, root, manifest, spec, selection_fraction)
     if not ray.is_initialized():
         # What Ray Data would do on first use (the node address below needs it now): the
         # cluster RAY_ADDRESS names, else a new local one (not a stale `ray start` head's).
@@ -419,7 +287,7 @@ def build_datasets(
         spec=spec,
         skipped=skipped,
         # The built-in cache exists on the driver's node only: read it there.
-        driver_node_only=spec.uri.startswith(BUILTIN_PREFIX),
+        driver_node_only=source_kind(spec.uri) == "builtin",
     )
     train = split_dataset(
         split="train",
@@ -441,30 +309,6 @@ def build_datasets(
             key_filter=KeyFilter(selection_fraction, selected=True),
         )
     return DataSets(train, val, manifest, skipped, select, num_train - num_select, num_select)
-
-
-def count_selection(
-    fs: pafs.FileSystem, root: str, manifest: Manifest, fraction: float
-) -> int:
-    """How many training rows the selection split at `fraction` holds, from the `key` column
-    of every training shard (a small column: ~1% of an image shard's bytes)."""
-
-    def count(path: str) -> int:
-        try:
-            with fs.open_input_file(join_path(root, path)) as stream:
-                keys = pq.ParquetFile(stream).read(columns=["key"]).column("key").to_pylist()
-        except (OSError, pa.ArrowException) as error:
-            if isinstance(error, OSError) and is_store_failure(str(error)):
-                raise  # storage_errors() names the store's failure
-            raise ShardFormatError(
-                f"shard {manifest.root}/{path} is corrupt: its key column cannot be read "
-                f"({type(error).__name__}: {str(error).strip()})"
-            ) from None
-        return int(selection_mask(keys, fraction).sum())
-
-    shards = [entry.path for entry in manifest.splits["train"].shards]
-    with ThreadPoolExecutor(FOOTER_CHECK_THREADS) as pool:
-        return sum(pool.map(count, shards))
 
 
 class ShardDatasource(ray.data.Datasource):

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from raydsnas.checks import check_known
 from raydsnas.data.errors import (
     AccessDeniedError,
     EndpointUnreachableError,
@@ -139,11 +140,7 @@ def resolve_filesystem(
 def _s3_filesystem(
     uri: str, bucket: str, options: Mapping[str, Any], check_credentials: bool
 ) -> pafs.S3FileSystem:
-    unknown = sorted(set(options) - set(S3_OPTION_KEYS))
-    if unknown:
-        raise StorageOptionsError(
-            f"storage_options for {uri}: unknown key(s) {unknown}; allowed: {list(S3_OPTION_KEYS)}"
-        )
+    check_known(f"storage_options for {uri}", options, S3_OPTION_KEYS, StorageOptionsError)
     anonymous = options.get("anonymous", False)
     if not isinstance(anonymous, bool):
         raise StorageOptionsError(

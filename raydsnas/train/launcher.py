@@ -23,7 +23,8 @@ from ray.train.torch import TorchTrainer
 
 from raydsnas.config import ConfigError, JobConfig
 from raydsnas.data.errors import DataError, EndpointUnreachableError, StorageError
-from raydsnas.data.pipeline import build_datasets, execution_options
+from raydsnas.data.pipeline import execution_options
+from raydsnas.data.sources import open_source
 from raydsnas.data.storage import (
     is_local_uri,
     resolve_filesystem,
@@ -35,8 +36,6 @@ from raydsnas.train.autoscaler import AutoscalerWatch
 from raydsnas.train.checkpoint import CHECKPOINT_DIR, latest_epoch, read_snapshot, registered
 from raydsnas.train.loop import train_func
 from raydsnas.train.provenance import reconcile
-from raydsnas.train.synthetic import PREFIX as SYNTHETIC
-from raydsnas.train.synthetic import SyntheticData
 
 # The store failing (not the input being bad): left to Ray Train's retries. Exact types:
 # their subclasses (access denied, missing credentials, ...) are input errors.
@@ -146,26 +145,13 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
     `callbacks`: Ray Train callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial;
     `config_changes`: the run's recorded configuration changes (`provenance`), for its child's
     metadata."""
-    datasets: dict[str, Any] = {}
-    skipped = None  # with data.skip_corrupt: the counter of images the pipeline left out
     # SPOS/random hold a share of the training split out to score candidates ("select");
     # `num_train` is what is left, the exact count the schedule's steps come from.
     fraction = job.search.selection_fraction
-    if job.data.uri.startswith(SYNTHETIC):
-        synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed,
-                                        fraction)
-        num_classes = synthetic.num_classes
-        num_train = synthetic.num_train - synthetic.num_select
-    else:
-        # The data order continues where Ray Train will resume the weights.
-        data = build_datasets(job.data, start_epoch=latest_checkpoint_epoch(job),
-                              selection_fraction=fraction)
-        datasets = {"train": data.train, "val": data.val}
-        skipped = data.skipped
-        if data.select is not None:
-            datasets["select"] = data.select
-        num_classes = data.manifest.num_classes
-        num_train = data.num_train
+    # The data order continues where Ray Train will resume the weights.
+    data = open_source(job.data, selection_fraction=fraction,
+                       start_epoch=latest_checkpoint_epoch(job))
+    num_classes, num_train = data.facts.num_classes, data.facts.num_train
     job.space.build(num_classes)  # fails here, not in a worker, if the space cannot be built
     if num_train < job.search.global_batch_size:  # the worker's own check, made here first
         raise ConfigError(
@@ -185,7 +171,7 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
         train_func,
         train_loop_config={"job": job, "num_classes": num_classes,
                            "num_train": num_train, "run_uri": run_uri(job),
-                           "config_changes": list(config_changes), "skipped": skipped},
+                           "config_changes": list(config_changes), "skipped": data.skipped},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker=scaling.resources_per_worker,
@@ -197,8 +183,8 @@ def build_trainer(job: JobConfig, callbacks: Sequence[Any] = (),
                 max_preemption_failures=scaling.max_preemption_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.storage.keep_checkpoints),
             callbacks=[StopOnInputError(), *callbacks], **storage),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets),
+        datasets=data.datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(data.datasets),
                                             execution_options=execution_options(job.data)),
     )
 

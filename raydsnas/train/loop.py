@@ -31,7 +31,8 @@ import ray.train
 import torch
 
 from raydsnas.config import JobConfig
-from raydsnas.data.pipeline import iter_train_batches, normalize
+from raydsnas.data.pipeline import normalize
+from raydsnas.data.sources import WorkerData
 from raydsnas.data.storage import join_path, resolve_filesystem
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_bn
 from raydsnas.export import save_child
@@ -46,8 +47,6 @@ from raydsnas.train.checkpoint import (
 )
 from raydsnas.train.events import EventLog
 from raydsnas.train.sync_bn import use_global_batch_norm
-from raydsnas.train.synthetic import PREFIX as SYNTHETIC
-from raydsnas.train.synthetic import SyntheticData
 
 
 def say(message: str) -> None:
@@ -400,13 +399,10 @@ class Batches:
         self.served = 0  # batches handed out so far, compared across ranks at each one
         self.per_worker, self.steps = per_worker, steps_per_epoch
         self.device, self.channels_last = device, channels_last
-        self.synthetic = None
         # The selection split (SPOS/random): held out of `train` by the driver's datasets (or
         # here, for synthetic data), read by `evaluate(split="select")`.
         self.selection_fraction = job.search.selection_fraction
-        if job.data.uri.startswith(SYNTHETIC):
-            self.synthetic = SyntheticData.parse(job.data.uri, job.data.image_size, job.data.seed,
-                                                 self.selection_fraction)
+        self.source = WorkerData(job.data, self.selection_fraction, rank, world)
 
     def _prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = normalize(batch["image"], self.device, channels_last=self.channels_last)
@@ -417,12 +413,7 @@ class Batches:
         """This rank's batches of one epoch (`limit`: only the first few, e.g. for BN
         recalibration after the last epoch)."""
         steps = min(self.steps, limit or self.steps)
-        if self.synthetic is not None:
-            source = self.synthetic.train_batches(epoch, self.rank, self.world,
-                                                  self.per_worker * self.world, steps)
-        else:
-            source = iter_train_batches(ray.train.get_dataset_shard("train"), self.job.data,
-                                        epoch=epoch, batch_size=self.per_worker, rank=self.rank)
+        source = self.source.train_batches(epoch, self.per_worker, steps)
         for _ in range(steps):
             batch = next(source, None)
             # Every rank must take the same number of steps (each ends in an all-reduce);
@@ -454,13 +445,7 @@ class Batches:
             raise ValueError("no selection split: search.strategy "
                              f"{self.job.search.strategy!r} has no selection_fraction")
         prefix = split if prefix is None else prefix
-        if self.synthetic is not None:
-            batches = (self.synthetic.val_batches if split == "val"
-                       else self.synthetic.select_batches)
-            source = batches(self.rank, self.world, self.per_worker)
-        else:
-            source = ray.train.get_dataset_shard(split).iter_torch_batches(
-                batch_size=self.per_worker, drop_last=False, device="cpu")
+        source = self.source.eval_batches(split, self.per_worker)
         sums = torch.zeros(4, dtype=torch.float64)
         with torch.no_grad():
             for batch in source:

@@ -186,15 +186,15 @@ def test_aws_endpoint_url_environment_variable_is_honoured(
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"image_size": 0}, r"data.image_size = 0: must be an integer from 4 to 4096"),
+        ({"image_size": 0}, r"data.image_size = 0 is not allowed; expected an integer from 4 to 4096"),
         (
             {"uri": "builtin:cifar"},
-            r"data.uri = 'builtin:cifar': unknown built-in data set; known: \['builtin:digits', 'builtin:shapes'\]",
+            r"data.uri = 'builtin:cifar' is not allowed; expected one of the built-in data sets \['builtin:digits', 'builtin:shapes'\]",
         ),
-        ({"crop_scale": (0.9, 0.1)}, r"data.crop_scale = \(0.9, 0.1\): must be \[min, max\]"),
-        ({"val_crop_ratio": 1.5}, r"data.val_crop_ratio = 1.5: must be a number in \(0, 1\]"),
-        ({"skip_corrupt": "yes"}, r"data.skip_corrupt = 'yes': must be true or false"),
-        ({"shuffle_buffer": -1}, r"data.shuffle_buffer = -1: must be a non-negative integer"),
+        ({"crop_scale": (0.9, 0.1)}, r"data.crop_scale = \(0.9, 0.1\) is not allowed; expected \[min, max\]"),
+        ({"val_crop_ratio": 1.5}, r"data.val_crop_ratio = 1.5 is not allowed; expected a number in \(0, 1\]"),
+        ({"skip_corrupt": "yes"}, r"data.skip_corrupt = 'yes' is not allowed; expected true or false"),
+        ({"shuffle_buffer": -1}, r"data.shuffle_buffer = -1 is not allowed; expected a non-negative integer"),
         (
             {"image_sise": 32},
             r"data: unknown key\(s\) \['image_sise'\]; allowed: \['uri', 'image_size'",
