@@ -110,6 +110,13 @@ class SearchSection:
     # configured one until a worker knows its data and world size (`strategy_config`).
     config: TrainingConfig = field(default_factory=lambda: STRATEGY_REGISTRY["dsnas"].config())
 
+    def __post_init__(self) -> None:
+        expected = STRATEGY_REGISTRY[self.strategy].config if self.strategy in \
+            STRATEGY_REGISTRY else None
+        if expected is not None and type(self.config) is not expected:
+            raise ConfigError(f"search.strategy = {self.strategy!r} needs a "
+                              f"{expected.__name__}, got a {type(self.config).__name__}")
+
     def strategy_config(self, steps_per_epoch: int, lr: float) -> TrainingConfig:
         """The strategy's config for a run: `steps_per_epoch` from the data, `lr` scaled to
         the world's batch."""
@@ -219,7 +226,7 @@ class JobConfig:
                  **{k: v for k, v in built.items() if k != "num_classes"}}
         search = {f.name: getattr(self.search, f.name) for f in fields(SearchSection)
                   if f.name != "config"}
-        strategy = asdict(self.search.config)
+        strategy = asdict(self.search.strategy_config(1, self.search.base_lr))  # lr: a float
         search.update({k: v for k, v in strategy.items() if k not in ("epochs", "steps_per_epoch")})
         out = {"name": self.name, "space": space, "data": asdict(self.data), "search": search,
                "scaling": asdict(self.scaling),

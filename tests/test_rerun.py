@@ -146,7 +146,8 @@ def test_unregistered_checkpoint_folders_are_removed_on_rerun(tmp_path):
     """A folder written but never named in Ray Train's snapshot (the run was interrupted in
     between) is neither resumed from nor rotated by Ray Train: the rerun deletes it, and
     keeps the registered ones and everything else."""
-    from raydsnas.train.launcher import SNAPSHOT_FILE, remove_unregistered_checkpoints
+    from raydsnas.train.checkpoint import SNAPSHOT_FILE
+    from raydsnas.train.launcher import remove_unregistered_checkpoints
 
     job = job_of(tmp_path)
     run = tmp_path / "run"

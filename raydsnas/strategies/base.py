@@ -337,9 +337,12 @@ class SupernetTrainer:
         return params
 
     def average_gradients(self, params: Iterable[nn.Parameter],
-                          extra: torch.Tensor | None = None) -> torch.Tensor | None:
+                          extra: torch.Tensor | None = None, *,
+                          extra_on_device: bool = False) -> torch.Tensor | None:
         """Average the `.grad` of `params` (None counts as zeros) and `extra` over ranks, in one
-        all-reduce; returns the averaged `extra` (on the CPU). Every rank passes the same list."""
+        all-reduce; returns the averaged `extra` (on the CPU, or with `extra_on_device` on the
+        device, so the host need not wait for the all-reduce yet). Every rank passes the same
+        list."""
         if self.collective.world_size == 1:
             return extra
         params = list(params)
@@ -349,7 +352,9 @@ class SupernetTrainer:
         averaged = mean_over_ranks(grads, self.collective)
         for p, grad in zip(params, averaged):
             p.grad = grad.to(p.dtype, copy=True)
-        return None if extra is None else averaged[-1].cpu().to(extra.dtype)
+        if extra is None:
+            return None
+        return averaged[-1] if extra_on_device else averaged[-1].cpu().to(extra.dtype)
 
     def _weight_step(self) -> None:
         self.weight_opt.step()

@@ -428,7 +428,8 @@ class DSNAS(SupernetTrainer):
         params = list(self.supernet.stem.parameters()) + list(self.supernet.head.parameters())
         for l, k in zip(*torch.nonzero(used, as_tuple=True)):
             params += self.supernet.candidate_parameters(int(l), int(k))
-        return self.average_gradients(params, alpha_grad)
+        # On the device: the host's one wait comes after the weight update is queued.
+        return self.average_gradients(params, alpha_grad, extra_on_device=True)
 
     # -- progressive early stop ----------------------------------------------------------------
     def freeze_settled_layers(self) -> list[int]:
