@@ -453,10 +453,6 @@ class DSNAS(SupernetTrainer):
         self.alpha[layer].requires_grad_(False)
         self.alpha[layer].grad = None
 
-    def end_search(self, data: Any, epoch: int) -> dict[str, Any]:
-        """The loop's hook after the last search epoch: nothing to do (no separate stage)."""
-        return {}
-
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

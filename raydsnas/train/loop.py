@@ -144,7 +144,7 @@ def start_worker(job: JobConfig, facts: dict[str, Any]) -> Worker:
                               collective=collective)
     if job.scaling.sync_bn and world > 1:
         use_global_batch_norm(strategy.supernet)
-    data = Batches(job, facts, rank, world, per_worker, steps_per_epoch, device,
+    data = Batches(job, rank, world, per_worker, steps_per_epoch, device,
                    strategy.channels_last, collective)
     fs, run_root = resolve_filesystem(facts["run_uri"], job.storage.options)
     events = EventLog(rank == 0, fs, join_path(run_root, "events"))
@@ -391,7 +391,7 @@ class Batches:
     with every rank taking exactly the same number of steps (`collective`: the ranks' process
     group, which counts them)."""
 
-    def __init__(self, job: JobConfig, config: dict, rank: int, world: int, per_worker: int,
+    def __init__(self, job: JobConfig, rank: int, world: int, per_worker: int,
                  steps_per_epoch: int, device: torch.device, channels_last: bool,
                  collective: Collective):
         self.job, self.rank, self.world = job, rank, world
