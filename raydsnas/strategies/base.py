@@ -33,7 +33,7 @@ from torch.profiler import record_function
 from raydsnas import checks
 from raydsnas.space import SearchSpace
 from raydsnas.space.child import ChildNet
-from raydsnas.strategies.collective import Collective, LocalCollective, mean_over_ranks
+from raydsnas.strategies.collective import Collective, GradientAverager, LocalCollective
 from raydsnas.strategies.optim import warmup_cosine, weight_param_groups
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -47,19 +47,36 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class StepStats:
-    """What one search step reports. Tensors stay on the device until the caller reads them."""
+    """What one search step reports. Tensors stay on the device until the caller reads them;
+    `entropy` and `expected_flops` (host arithmetic over alpha) are computed when first read,
+    from the strategy as it is then, so a step that nobody logs does not pay for them."""
 
     step: int
     loss: torch.Tensor
     correct: torch.Tensor
     batch_size: int
     path: list[int]
-    expected_flops: float
-    entropy: float
     num_frozen: int
     newly_frozen: list[int] = field(default_factory=list)
     lr: float = 0.0
     searching: bool = True
+    summary: Callable[[], tuple[float, float]] | None = field(default=None, repr=False)
+    _summary_value: tuple[float, float] | None = field(default=None, repr=False)
+
+    def _summarise(self) -> tuple[float, float]:
+        if self._summary_value is None:
+            self._summary_value = self.summary() if self.summary is not None else (0.0, 0.0)
+        return self._summary_value
+
+    @property
+    def entropy(self) -> float:
+        """Mean entropy (nats) of the architecture distribution per layer."""
+        return self._summarise()[0]
+
+    @property
+    def expected_flops(self) -> float:
+        """E_p[FLOPs] of the architecture distribution."""
+        return self._summarise()[1]
 
 
 def entropy_per_layer(probs: torch.Tensor) -> torch.Tensor:
@@ -89,6 +106,36 @@ def initial_alpha(space: SearchSpace, config: Any) -> torch.Tensor:
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """`t` in float32 if it is a half-precision tensor (logits under autocast), else as is."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without making the host wait: on a GPU through pinned
+    memory (a copy from pageable memory synchronises the stream); on the CPU the tensor itself.
+    The caching host allocator keeps the pinned block until the copy has run."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A device tensor on its way to the host: the copy into pinned memory is queued behind
+    the work already queued, and `wait()` returns the host tensor once that copy has run
+    (waiting for it alone, not for anything queued later). On the CPU it is the tensor."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "cuda":
+            self._host, self._event = tensor.detach(), None
+            return
+        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._host.copy_(tensor.detach(), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host
 
 
 class SearchData(Protocol):
@@ -256,6 +303,7 @@ class SupernetTrainer:
         self.config = config
         self.device = torch.device(device)
         self.collective = collective or LocalCollective()
+        self._averager = GradientAverager(self.collective)
         # bf16 autocast needs Ampere or newer; older GPUs train in fp32.
         self.use_amp = (config.amp and self.device.type == "cuda"
                         and torch.cuda.is_bf16_supported())
@@ -283,6 +331,21 @@ class SupernetTrainer:
         self._schedule = (total_steps, warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.weight_opt, lambda step: self.lr_factor(step))
+        self._init_momentum()
+
+    def _init_momentum(self) -> None:
+        """A zero momentum buffer for every weight that has none yet. SGD's first update of a
+        zero buffer gives the gradient itself, as its lazy creation does, but with every buffer
+        present a GPU step stays on SGD's foreach path (a parameter without one makes it fall
+        back to one small update per tensor, ~470 ops instead of ~7)."""
+        if not self.config.momentum:
+            return
+        for group in self.weight_opt.param_groups:
+            for p in group["params"]:
+                state = self.weight_opt.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
 
     def lr_factor(self, step: int) -> float:
         """The weight learning rate at `step` over `lr`: warm-up, then cosine to 0."""
@@ -315,6 +378,12 @@ class SupernetTrainer:
         return {}
 
     # -- training helpers ----------------------------------------------------------------------
+    def _train_mode(self) -> None:
+        """The supernet in training mode, without walking its ~1 000 modules every step (every
+        mode change in the package is a whole-supernet `train()` / `eval()`)."""
+        if not self.supernet.training:
+            self.supernet.train()
+
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             return images.contiguous(memory_format=torch.channels_last)
@@ -340,21 +409,17 @@ class SupernetTrainer:
                           extra: torch.Tensor | None = None, *,
                           extra_on_device: bool = False) -> torch.Tensor | None:
         """Average the `.grad` of `params` (None counts as zeros) and `extra` over ranks, in one
-        all-reduce; returns the averaged `extra` (on the CPU, or with `extra_on_device` on the
-        device, so the host need not wait for the all-reduce yet). Every rank passes the same
-        list."""
+        all-reduce through the trainer's persistent flat buffer; returns the averaged `extra`
+        (on the CPU, or with `extra_on_device` on the device, so the host need not wait for
+        the all-reduce yet). Every rank passes the same list."""
         if self.collective.world_size == 1:
             return extra
-        params = list(params)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if extra is not None:
-            grads.append(extra.to(self.device, torch.float32))
-        averaged = mean_over_ranks(grads, self.collective)
-        for p, grad in zip(params, averaged):
-            p.grad = grad.to(p.dtype, copy=True)
+        on_device = None if extra is None else extra.to(self.device, torch.float32)
+        averaged = self._averager(list(params), on_device)
         if extra is None:
             return None
-        return averaged[-1] if extra_on_device else averaged[-1].cpu().to(extra.dtype)
+        averaged = averaged.clone()  # the buffer is reused by the next step
+        return averaged if extra_on_device else averaged.cpu().to(extra.dtype)
 
     def _weight_step(self) -> None:
         self.weight_opt.step()
@@ -364,7 +429,7 @@ class SupernetTrainer:
                    path: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward on `path`, gradients averaged over ranks, one weight update;
         returns (loss, logits)."""
-        self.supernet.train()
+        self._train_mode()
         self.weight_opt.zero_grad(set_to_none=True)
         with record_function("raydsnas.forward"):
             with self._autocast():
@@ -382,7 +447,7 @@ class SupernetTrainer:
         return StepStats(
             step=self.step_count, loss=loss.detach(),
             correct=(logits.detach().argmax(-1) == labels).sum(), batch_size=len(labels),
-            path=path, expected_flops=self.expected_flops(), entropy=self.entropy(),
+            path=path, summary=lambda: (self.entropy(), self.expected_flops()),
             num_frozen=len(self.frozen), newly_frozen=list(newly_frozen),
             lr=self.weight_opt.param_groups[0]["lr"], searching=searching)
 
@@ -427,6 +492,7 @@ class SupernetTrainer:
         self.supernet.load_state_dict(state["supernet"])
         self._rebuild_optimizers(state)
         self.weight_opt.load_state_dict(state["weight_opt"])
+        self._init_momentum()  # checkpoints hold buffers only for weights already stepped
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
         # This run's learning rate (a resize may change it), at the restored step.

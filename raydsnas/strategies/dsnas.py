@@ -22,6 +22,7 @@ from torch.profiler import record_function
 
 from raydsnas.space import SearchSpace
 from raydsnas.strategies.base import (
+                                      HostCopy,
                                       StepStats,
                                       SupernetTrainer,
                                       TrainingConfig,
@@ -29,14 +30,16 @@ from raydsnas.strategies.base import (
                                       expected_flops,
                                       initial_alpha,
                                       sampling_seed,
+                                      to_device,
 )
 from raydsnas.strategies.collective import Collective
-from raydsnas.strategies.optim import drop_params, warmup_cosine
+from raydsnas.strategies.optim import RowAdam, drop_params, warmup_cosine
 
 SAMPLING_POLICIES = ("shared", "per_rank")
 CHILD_SCHEDULES = ("restart", "continue")
 CHILD_STARTS = ("inherit", "rewind")
 IDLE_GRADS = ("zero", "none")
+ALPHA_UPDATES = ("stale", "exact")
 CREDIT_DECAY = 0.98  # the credit diagnostic's running mean spans ~50 steps
 
 
@@ -81,6 +84,13 @@ class DSNASConfig(TrainingConfig):
         sampling: `shared` (every worker runs the same path: W workers compute the update of
             one worker with the whole batch) or `per_rank` (each worker samples its own path:
             more samples of Z per step, as the paper's code does).
+        alpha_update: when a step's alpha gradient is applied. `stale`: at the end of the next
+            step, so the path after it is drawn from alpha one update behind (each gradient is
+            still the unbiased estimate for the alpha its path was drawn from, applied one step
+            late; at alpha_lr 1e-3 p moves < 3e-4 a step), and a GPU never waits for the step
+            it has just been given; `exact`: before the next path is drawn (the paper's order;
+            on a GPU the host waits for every step's end, ~6 ms a step on an H200 at batch
+            256). Either way alpha is brought up to date before each early-stop check.
     """
 
     h: float = 0.3
@@ -96,6 +106,7 @@ class DSNASConfig(TrainingConfig):
     flops_budget: float | None = None
     flops_coef: float = 1.0
     sampling: str = "shared"
+    alpha_update: str = "stale"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,6 +137,8 @@ class DSNASConfig(TrainingConfig):
         check(self.flops_coef >= 0, "flops_coef", self.flops_coef, "a number >= 0")
         check(self.sampling in SAMPLING_POLICIES, "sampling", self.sampling,
                f"one of {list(SAMPLING_POLICIES)}")
+        check(self.alpha_update in ALPHA_UPDATES, "alpha_update", self.alpha_update,
+              f"one of {list(ALPHA_UPDATES)}")
 
     @property
     def same_path_on_every_rank(self) -> bool:
@@ -178,23 +191,28 @@ class DSNAS(SupernetTrainer):
     def __init__(self, space: SearchSpace, config: DSNASConfig | None = None, *,
                  device: torch.device | str = "cpu", collective: Collective | None = None):
         config = config or DSNASConfig()
-        # One parameter per layer, so a frozen layer leaves the alpha optimiser entirely.
-        self.alpha = nn.ParameterList(nn.Parameter(row) for row in initial_alpha(space, config))
+        # On the host: the sampler reads it every step. Each row is its own Adam parameter
+        # (`RowAdam`), so a frozen layer's row leaves the optimiser.
+        self.alpha = initial_alpha(space, config)
+        # The last step's averaged alpha gradient on its way to the host, applied at the end
+        # of the next step (`alpha_update: stale`).
+        self._pending: HostCopy | None = None
         self.forced: list[int] = []  # layers frozen by the `freeze_by` deadline, not by h
         self.search_end_step: int | None = None  # the step after which every layer was frozen
         super().__init__(space, config, device=device, collective=collective)
         # The credit diagnostic: a running mean of |c_l| per layer (on the device, read when
         # logged), with its bias-correction weight.
         self._credit = torch.zeros(2, space.num_layers, dtype=torch.float64, device=self.device)
+        self._searched_mask: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     # -- optimisers ----------------------------------------------------------------------------
     def _build_optimizers(self) -> None:
         """SGD over the surviving weights and Adam over the rows of the searched layers."""
         cfg = self.config
         self._build_weight_optimizer(cfg.total_steps, cfg.warmup_steps)
-        rows = [self.alpha[l] for l in self.searchable_layers()]
-        self.alpha_opt = torch.optim.Adam(rows, lr=cfg.alpha_lr, betas=cfg.alpha_betas,
-                                          weight_decay=0.0) if rows else None
+        self.alpha_opt = RowAdam(self.alpha, cfg.alpha_lr, cfg.alpha_betas)
+        for layer in self.frozen:
+            self.alpha_opt.drop(layer)
 
     def _rebuild_optimizers(self, state: dict[str, Any]) -> None:
         self._build_optimizers()  # over the surviving parameters, in the order they were saved
@@ -227,11 +245,11 @@ class DSNAS(SupernetTrainer):
 
     # -- the distribution ----------------------------------------------------------------------
     def alpha_matrix(self) -> torch.Tensor:
-        return torch.stack([a.detach() for a in self.alpha])
+        return self.alpha.clone()
 
     def probs(self) -> torch.Tensor:
         """`[L, n]` probabilities; a frozen layer is one-hot on its choice."""
-        p = F.softmax(self.alpha_matrix(), dim=-1)
+        p = F.softmax(self.alpha, dim=-1)
         for l, k in self.frozen.items():
             p[l] = F.one_hot(torch.tensor(k), self.space.num_choices).to(p.dtype)
         return p
@@ -244,13 +262,18 @@ class DSNAS(SupernetTrainer):
         """False during uniform pre-training, where alpha does not move and nothing freezes."""
         return self.step_count >= self.config.pretrain_steps
 
-    def sample_path(self) -> list[int]:
+    def sample_path(self, rank: int | None = None) -> list[int]:
         """One candidate per layer: frozen layers their choice, the others Z ~ Categorical(p).
 
         In uniform pre-training every candidate is equally likely. The `shared` policy gives
-        every rank the same path; `per_rank` gives each rank its own.
+        every rank the same path; `per_rank` gives each rank its own, a function of (seed,
+        step, rank) and alpha, which every rank holds: any rank can tell any other's path
+        (`rank`; default this one's).
         """
-        rank = self.collective.rank if self.config.sampling == "per_rank" else 0
+        if self.config.sampling != "per_rank":
+            rank = 0
+        elif rank is None:
+            rank = self.collective.rank
         gen = torch.Generator().manual_seed(sampling_seed(self.config.seed, self.step_count, rank))
         p = self.probs() if self.searching else torch.ones(self.space.num_layers,
                                                            self.space.num_choices)
@@ -261,9 +284,10 @@ class DSNAS(SupernetTrainer):
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
         """One DSNAS iteration on one batch: sample, forward, one backward, two updates.
 
-        On a GPU the host waits once a step, for the 20-number credit that the next path's
-        sampling needs, and only after the all-reduce and the weight update were queued: the
-        architecture gradient is formed on the device.
+        Nothing here waits for the device with `alpha_update: stale`: the architecture gradient
+        is formed and averaged on the device and copied to pinned host memory behind the
+        weight update; the one from the step before, long finished, updates alpha (`exact`
+        waits for this step's instead: one host sync a step).
         """
         searching = self.searching
         path = self.sample_path()
@@ -278,7 +302,12 @@ class DSNAS(SupernetTrainer):
             self.weight_opt.step()
             self.scheduler.step()
             if searching:
-                self._apply_alpha_gradient(alpha_grad.cpu())  # the step's one host sync
+                arriving = HostCopy(alpha_grad)
+                if self.config.alpha_update == "exact":
+                    self._apply_alpha_gradient(arriving.wait())  # the step's one host sync
+                else:
+                    self.apply_pending_alpha_gradient()
+                    self._pending = arriving
         self.step_count += 1
 
         newly = []
@@ -287,6 +316,13 @@ class DSNAS(SupernetTrainer):
         newly += self._apply_deadline()
         return self._stats(loss, logits, labels, path, searching, newly_frozen=newly)
 
+    def apply_pending_alpha_gradient(self) -> None:
+        """Apply the alpha gradient still on its way (`alpha_update: stale`), if any: alpha as
+        `exact` would have it after the last step."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._apply_alpha_gradient(pending.wait())
+
     def compute_gradients(self, images: torch.Tensor, labels: torch.Tensor,
                           path: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward and backward on `path` only; returns (loss, logits, c) with c_l = dL/d(one_l).
@@ -294,10 +330,12 @@ class DSNAS(SupernetTrainer):
         Leaves the weight gradients of the path in `.grad` (others stay None). `c_l` is 0 for
         frozen layers and during uniform pre-training (no dummy multipliers there).
         """
-        self.supernet.train()
+        self._train_mode()
         images = self._prepare(images)
         track = self.searching
-        ones = [torch.ones((), device=self.device, requires_grad=True)
+        # One fill for all the dummy 1s; each is its own leaf, whose .grad is c_l.
+        filled = torch.ones(len(path), device=self.device).unbind() if track else ()
+        ones = [filled[l].detach().requires_grad_(True)
                 if track and l not in self.frozen else None for l in range(len(path))]
         with record_function("raydsnas.forward"):
             with self._autocast():
@@ -318,8 +356,7 @@ class DSNAS(SupernetTrainer):
             keep[l] = 0
         onehot = F.one_hot(torch.tensor(path), self.space.num_choices).float()
         p = F.softmax(self.alpha_matrix(), -1) * keep
-        host = torch.stack([onehot * keep, p])  # one small copy to the device
-        host = host.to(cost.device, non_blocking=True) if cost.device.type != "cpu" else host
+        host = to_device(torch.stack([onehot * keep, p]), cost.device)  # one small copy
         return dsnas_alpha_grad(host[0], host[1], cost.detach().float())
 
     def _zero_idle_gradients(self) -> None:
@@ -332,12 +369,19 @@ class DSNAS(SupernetTrainer):
 
     def _track_credit(self, cost: torch.Tensor) -> None:
         """Fold |c_l| of the searched layers into the running mean (device-side, no sync)."""
-        searched = torch.zeros(self.space.num_layers, dtype=torch.float64)
-        searched[self.searchable_layers()] = 1.0
-        searched = searched.to(self.device, non_blocking=True)
+        searched = self._searched_on_device()
         decay = CREDIT_DECAY * searched + (1 - searched)  # frozen layers keep their last value
         self._credit.mul_(decay).add_(torch.stack([cost.detach().double().abs(), searched])
                                       * (1 - CREDIT_DECAY) * searched)
+
+    def _searched_on_device(self) -> torch.Tensor:
+        """`[L]` float64 on the device: 1 for the searched layers (copied when they change)."""
+        layers = tuple(self.searchable_layers())
+        if self._searched_mask is None or self._searched_mask[0] != layers:
+            searched = torch.zeros(self.space.num_layers, dtype=torch.float64)
+            searched[list(layers)] = 1.0
+            self._searched_mask = (layers, to_device(searched, self.device))
+        return self._searched_mask[1]
 
     def credit_magnitude(self) -> list[float | None]:
         """Per layer, the running mean of |dL/d(one_l)| over the steps it was searched (~the
@@ -353,12 +397,14 @@ class DSNAS(SupernetTrainer):
         deadline = self.config.freeze_step
         forced = []
         if deadline is not None and self.step_count >= deadline and self.searchable_layers():
+            self.apply_pending_alpha_gradient()
             p = F.softmax(self.alpha_matrix(), -1)
             forced = self.searchable_layers()
             for l in forced:
                 self.freeze_layer(l, int(p[l].argmax()))
             self.forced += forced
         if self.search_end_step is None and not self.searchable_layers():
+            self._pending = None
             self.search_end_step = self.step_count
             if self.config.child_start == "rewind":
                 self.rewind_child()
@@ -376,6 +422,7 @@ class DSNAS(SupernetTrainer):
             for name, tensor in self.supernet.state_dict().items():
                 tensor.copy_(initial[name])
         self.weight_opt.state.clear()
+        self._init_momentum()
 
     @property
     def search_ended(self) -> bool:
@@ -389,10 +436,7 @@ class DSNAS(SupernetTrainer):
         grad = alpha_grad.clone()
         if cfg.flops_budget is not None and cfg.flops_coef > 0:
             grad += self.flops_gradient()
-        for l in layers:
-            self.alpha[l].grad = grad[l].to(self.alpha[l].dtype)
-        self.alpha_opt.step()
-        self.alpha_opt.zero_grad(set_to_none=True)
+        self.alpha_opt.step(grad)  # the searched rows only
 
     def flops_gradient(self) -> torch.Tensor:
         """`[L, n]` gradient of `flops_coef * E[FLOPs] / flops_budget` w.r.t. alpha, applied
@@ -412,28 +456,30 @@ class DSNAS(SupernetTrainer):
         return alpha.grad.float()
 
     def _synchronise(self, path: list[int], alpha_grad: torch.Tensor) -> torch.Tensor:
-        """Average weight gradients and the alpha gradient over ranks (one all-reduce; `per_rank`
-        first sums which candidates each rank ran, a second small one).
+        """Average weight gradients and the alpha gradient over ranks, in one all-reduce.
 
         A candidate that only some ranks ran contributes zeros from the others, so every
         gradient is that of the mean loss over the global batch. Returns the averaged alpha grad.
         """
         if self.collective.world_size == 1:
             return alpha_grad
-        used = F.one_hot(torch.tensor(path), self.space.num_choices).float()
+        used = {(l, k) for l, k in enumerate(path)}
         if self.config.sampling == "per_rank":
-            used = used.to(self.device)
-            self.collective.all_reduce_sum(used)
-            used = used.cpu()
+            # Every rank draws every rank's path from the same (seed, step, rank) and alpha:
+            # the union of candidates run is known without asking.
+            for rank in range(self.collective.world_size):
+                used.update(enumerate(self.sample_path(rank)))
         params = list(self.supernet.stem.parameters()) + list(self.supernet.head.parameters())
-        for l, k in zip(*torch.nonzero(used, as_tuple=True)):
-            params += self.supernet.candidate_parameters(int(l), int(k))
+        for l, k in sorted(used):
+            params += self.supernet.candidate_parameters(l, k)
         # On the device: the host's one wait comes after the weight update is queued.
         return self.average_gradients(params, alpha_grad, extra_on_device=True)
 
     # -- progressive early stop ----------------------------------------------------------------
     def freeze_settled_layers(self) -> list[int]:
-        """Freeze every searchable layer with `p_top1 - p_top2 >= h`; returns those layers."""
+        """Freeze every searchable layer with `p_top1 - p_top2 >= h`; returns those layers.
+        Alpha is brought up to date first (`alpha_update: stale`)."""
+        self.apply_pending_alpha_gradient()
         p = F.softmax(self.alpha_matrix(), -1)
         top2 = p.topk(2, dim=-1).values if self.space.num_choices > 1 else None
         settled = [l for l in self.searchable_layers()
@@ -448,10 +494,7 @@ class DSNAS(SupernetTrainer):
         self.frozen[layer] = choice
         removed = self.supernet.prune(layer, choice)
         drop_params(self.weight_opt, removed)
-        if self.alpha_opt is not None:
-            drop_params(self.alpha_opt, [self.alpha[layer]])
-        self.alpha[layer].requires_grad_(False)
-        self.alpha[layer].grad = None
+        self.alpha_opt.drop(layer)
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -460,7 +503,9 @@ class DSNAS(SupernetTrainer):
             "forced": list(self.forced),
             "search_end_step": self.search_end_step,
             "credit": self._credit.cpu().clone(),
-            "alpha_opt": self.alpha_opt.state_dict() if self.alpha_opt is not None else None,
+            "alpha_opt": self.alpha_opt.state_dict(),
+            # `alpha_update: stale`: the last step's gradient, applied at the end of the next.
+            "alpha_pending": self._pending.wait().clone() if self._pending is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -471,18 +516,15 @@ class DSNAS(SupernetTrainer):
             if l not in self.frozen:
                 self.frozen[l] = k
                 self.supernet.prune(l, k)
-                self.alpha[l].requires_grad_(False)
-        with torch.no_grad():
-            for l, row in enumerate(state["alpha"]):
-                self.alpha[l].copy_(row)
+        self.alpha.copy_(state["alpha"])
         # Written before the search deadline existed: no layer was forced, the search ran on.
         self.forced = [int(l) for l in state.get("forced", [])]
         end = state.get("search_end_step")
         self.search_end_step = None if end is None else int(end)
         super().load_state_dict(state)
-        if self.alpha_opt is not None:
+        if state.get("alpha_opt") is not None:  # None: no layer was searched any more
             self.alpha_opt.load_state_dict(state["alpha_opt"])
-            for group in self.alpha_opt.param_groups:
-                group["lr"] = self.config.alpha_lr
+        pending = state.get("alpha_pending")
+        self._pending = HostCopy(pending) if pending is not None else None
         if state.get("credit") is not None:
             self._credit = state["credit"].to(self.device, torch.float64)

@@ -44,3 +44,76 @@ def drop_params(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]
     for p in [p for p in optimizer.state if id(p) in gone]:
         del optimizer.state[p]
     return removed
+
+
+class RowAdam:
+    """Adam over the rows of one `[L, n]` matrix, each row its own parameter, as one vectorised
+    update on the host: what `torch.optim.Adam` over the list of rows computes, element for
+    element (no weight decay, no amsgrad), without its ~9 host ops per row. A row leaves for
+    good with `drop(row)` (a frozen layer); `step(grad)` updates the rows still active.
+
+    `state_dict()` holds the moments and per-row step counts; `load_state_dict` also reads a
+    `torch.optim.Adam` state dict over the active rows in order (checkpoints written before).
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float],
+                 eps: float = 1e-8):
+        if param.dim() != 2:
+            raise ValueError(f"RowAdam needs a [L, n] matrix, got shape {tuple(param.shape)}")
+        self.param, self.lr, self.betas, self.eps = param, lr, tuple(betas), eps
+        self.active = torch.ones(param.shape[0], dtype=torch.bool)
+        self.exp_avg = torch.zeros_like(param)
+        self.exp_avg_sq = torch.zeros_like(param)
+        self.steps = torch.zeros(param.shape[0], dtype=torch.float32)  # as Adam keeps `step`
+
+    def drop(self, row: int) -> None:
+        self.active[row] = False
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        """One Adam update of the active rows of `param` by the same rows of `grad`."""
+        rows = self.active.nonzero().squeeze(-1)
+        if len(rows) == 0:
+            return
+        beta1, beta2 = self.betas
+        self.steps[rows] += 1
+        # Rows share a step count unless some were added later; one update per distinct count.
+        for count in self.steps[rows].unique().tolist():
+            sel = rows[self.steps[rows] == count]
+            g = grad[sel].to(self.param.dtype)
+            exp_avg, exp_avg_sq = self.exp_avg[sel], self.exp_avg_sq[sel]
+            exp_avg.lerp_(g, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bias_correction1 = 1 - beta1**count
+            bias_correction2_sqrt = (1 - beta2**count) ** 0.5
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            value = self.param[sel]
+            value.addcdiv_(exp_avg, denom, value=-(self.lr / bias_correction1))
+            self.param[sel], self.exp_avg[sel], self.exp_avg_sq[sel] = value, exp_avg, exp_avg_sq
+
+    def state_dict(self) -> dict:
+        return {"format": "row_adam", "active": self.active.clone(),
+                "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
+                "steps": self.steps.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """This class's own state, or a `torch.optim.Adam` state dict whose parameters were the
+        currently active rows, in order (the `lr` in it is ignored: the run's own applies)."""
+        if state.get("format") == "row_adam":
+            self.active = state["active"].clone().bool()
+            self.exp_avg.copy_(state["exp_avg"])
+            self.exp_avg_sq.copy_(state["exp_avg_sq"])
+            self.steps.copy_(state["steps"])
+            return
+        rows = self.active.nonzero().squeeze(-1).tolist()
+        indices = [i for group in state["param_groups"] for i in group["params"]]
+        if len(indices) != len(rows):
+            raise ValueError(f"the checkpoint's alpha optimiser has {len(indices)} rows, "
+                             f"this run searches {len(rows)} layers")
+        for index, row in zip(indices, rows):
+            saved = state["state"].get(index)
+            if saved is None:  # never stepped
+                continue
+            self.exp_avg[row] = saved["exp_avg"]
+            self.exp_avg_sq[row] = saved["exp_avg_sq"]
+            self.steps[row] = float(saved["step"])

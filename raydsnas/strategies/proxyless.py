@@ -113,7 +113,7 @@ class ProxylessNAS(AlphaSearch):
                        active: torch.Tensor) -> torch.Tensor:
         """`[L, 2]` dL/dg for the binary gates of `pairs` (value 1 on `active`), from one
         forward and backward of the two-path network; weight gradients are not touched."""
-        self.supernet.train()
+        self._train_mode()
         dtype = next(self.supernet.parameters()).dtype
         gates = F.one_hot(active, 2).to(self.device, dtype).requires_grad_(True)
         names = self.space.choices

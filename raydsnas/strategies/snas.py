@@ -129,7 +129,7 @@ class SNAS(AlphaSearch):
                           gumbel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward the relaxed parent network and backward once: weight gradients in `.grad`,
         alpha's in `self.alpha.grad`. Returns (loss, logits)."""
-        self.supernet.train()
+        self._train_mode()
         self.weight_opt.zero_grad(set_to_none=True)
         self.alpha_opt.zero_grad(set_to_none=True)
         with record_function("raydsnas.forward"):
