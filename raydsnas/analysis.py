@@ -109,7 +109,7 @@ def load_data(uri: str, image_size: int, batch_size: int) -> TensorBatches:
 
 def _resized_rgb(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> normalised float [N, 3, S, S]; bilinear resize only if H, W != S."""
-    from raydsnas.data.pipeline import normalize
+    from raydsnas.data.feed import normalize
 
     if pixels.shape[-2:] != (image_size, image_size):
         pixels = F.interpolate(pixels.float(), size=(image_size, image_size), mode="bilinear",

@@ -332,8 +332,10 @@ def test_the_stale_update_follows_the_exact_one_closely():
     differs = float((exact.alpha_matrix() - stale.alpha_matrix()).abs().max())
     agree = sum(a == b for a, b in zip(exact_paths, stale_paths))
     assert moved > 0.2
-    assert agree >= 36, agree
-    assert differs < 0.15 * moved, (differs, moved)
+    # Measured: all 40 paths agree, alpha within 0.005 after moving 0.31 (at alpha_lr 1e-3:
+    # 2.3e-6 after 0.0062).
+    assert agree >= 38, agree
+    assert differs < 0.05 * moved, (differs, moved)
 
 
 def test_a_checkpoint_between_two_stale_steps_carries_the_gradient_in_flight():

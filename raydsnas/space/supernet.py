@@ -33,8 +33,10 @@ class _MarkCost(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_one = None
         if ctx.needs_input_grad[1]:
-            dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 activations: sum in fp32
-            grad_one = (grad.to(dtype) * x.to(dtype)).sum()
+            # One product and a float32-accumulated sum: under bf16 no full-size casts (each
+            # product is rounded to bf16 once; the sum over ~10^7 of them is fp32).
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            grad_one = torch.mul(grad, x).sum(dtype=dtype)
         return grad, grad_one
 
 

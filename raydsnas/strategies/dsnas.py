@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.profiler import record_function
 
 from raydsnas.space import SearchSpace

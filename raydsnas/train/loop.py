@@ -17,6 +17,7 @@ checkpoint's strategy and `RunState`, `raydsnas.train.checkpoint`), then per epo
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import ray.train
 import torch
 
 from raydsnas.config import JobConfig
-from raydsnas.data.pipeline import normalize
+from raydsnas.data.feed import DeviceFeed
 from raydsnas.data.sources import WorkerData
 from raydsnas.data.storage import join_path, resolve_filesystem
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_bn
@@ -129,6 +130,9 @@ def start_worker(job: JobConfig, facts: dict[str, Any]) -> Worker:
     device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+    else:
+        # cuDNN picks the fastest kernels per shape once (each candidate block has its own).
+        torch.backends.cudnn.benchmark = True
     per_worker, lr = world_batch(job, world)
     # From the configured global batch, not per_worker * world: the schedule (and so the
     # checkpoint) is the same whatever the world size.
@@ -167,28 +171,30 @@ def resume(worker: Worker) -> RunState:
 
 def train_epoch(worker: Worker, run: RunState, epoch: int) -> dict[str, Any]:
     """One epoch of strategy steps on this rank's batches; the epoch's training metrics over
-    all ranks."""
+    all ranks. No step waits for the device on the loop's account: the sums stay there, and a
+    progress line is printed one `log_every` interval after its step (its numbers are long
+    computed by then), the last one after the epoch."""
     strategy, job = worker.strategy, worker.job
     t0 = time.perf_counter()
-    # Summed on the device: reading them every step would make the host wait every step.
     sums = torch.zeros(2, dtype=torch.float64, device=worker.device)
     seen = 0
+    line: ProgressLine | None = None  # the last logged step's, printed at the next one
     for i, (images, labels) in enumerate(worker.data.train(epoch)):
         stats = strategy.step(images, labels)
         sums += torch.stack([stats.loss.double() * stats.batch_size, stats.correct.double()])
         seen += stats.batch_size
         if (i + 1) % job.search.log_every == 0:
+            if line is not None:
+                worker.say(line.text())
             rate = seen * worker.world / (time.perf_counter() - t0)
-            worker.say(
-                f"[raydsnas] epoch {epoch + 1}/{worker.total_epochs} step {i + 1}/"
-                f"{worker.data.steps} loss {float(stats.loss):.4f} acc "
-                f"{float(stats.correct) / stats.batch_size:.3f} entropy {stats.entropy:.3f} "
-                f"frozen {stats.num_frozen}/{strategy.space.num_layers} E[FLOPs] "
-                f"{stats.expected_flops / 1e6:.2f}M {rate:.0f} img/s")
+            line = ProgressLine(worker, epoch, i + 1, stats, rate)
     if worker.device.type == "cuda":
         torch.cuda.synchronize(worker.device)  # the epoch's time includes its queued GPU work
     epoch_s = time.perf_counter() - t0
+    if line is not None:
+        worker.say(line.text())
     run.add_time(epoch_s, worker.world)
+    worker.data.check_lockstep()
     check_ranks_agree(strategy, worker.collective)
     average_bn_buffers(strategy.supernet, worker.collective)
     totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64,
@@ -198,6 +204,34 @@ def train_epoch(worker: Worker, run: RunState, epoch: int) -> dict[str, Any]:
     return {"train_loss": float(totals[0] / max(totals[2], 1)),
             "train_top1": float(totals[1] / max(totals[2], 1)),
             "images_per_s": float(totals[2]) / max(epoch_s, 1e-9)}
+
+
+@dataclass
+class ProgressLine:
+    """One progress line, taken at a logged step: the host's numbers now, the device's loss
+    and accuracy read when printed (an interval later, when they are long computed)."""
+
+    worker: Worker
+    epoch: int
+    step: int
+    stats: Any  # StepStats
+    rate: float
+    entropy: float = field(init=False)
+    frozen: int = field(init=False)
+    flops: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.entropy = self.stats.entropy
+        self.frozen = self.stats.num_frozen
+        self.flops = self.stats.expected_flops
+
+    def text(self) -> str:
+        w, stats = self.worker, self.stats
+        return (f"[raydsnas] epoch {self.epoch + 1}/{w.total_epochs} step {self.step}/"
+                f"{w.data.steps} loss {float(stats.loss):.4f} acc "
+                f"{float(stats.correct) / stats.batch_size:.3f} entropy {self.entropy:.3f} "
+                f"frozen {self.frozen}/{w.strategy.space.num_layers} E[FLOPs] "
+                f"{self.flops / 1e6:.2f}M {self.rate:.0f} img/s")
 
 
 def end_epoch(worker: Worker, run: RunState, epoch: int, train: dict[str, float]
@@ -387,26 +421,25 @@ def check_ranks_agree(strategy: SearchStrategy, collective: Collective) -> None:
 
 
 class Batches:
-    """The worker's batches: its Ray Data shard (or the synthetic task), normalised on device,
-    with every rank taking exactly the same number of steps (`collective`: the ranks' process
-    group, which counts them)."""
+    """The worker's batches: its Ray Data shard (or the synthetic task), on the device through a
+    `DeviceFeed` (normalised there, one batch ahead). Every rank takes the same number of steps
+    with no per-step agreement: Ray Train's split gives each rank the same number of rows, so
+    every rank's shard ends at the same batch; `train_epoch` checks the counts once an epoch
+    (`served`: batches handed out so far)."""
 
     def __init__(self, job: JobConfig, rank: int, world: int, per_worker: int,
                  steps_per_epoch: int, device: torch.device, channels_last: bool,
                  collective: Collective):
         self.job, self.rank, self.world = job, rank, world
         self.collective = collective
-        self.served = 0  # batches handed out so far, compared across ranks at each one
+        self.served = 0
         self.per_worker, self.steps = per_worker, steps_per_epoch
         self.device, self.channels_last = device, channels_last
         # The selection split (SPOS/random): held out of `train` by the driver's datasets (or
         # here, for synthetic data), read by `evaluate(split="select")`.
         self.selection_fraction = job.search.selection_fraction
         self.source = WorkerData(job.data, self.selection_fraction, rank, world)
-
-    def _prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images = normalize(batch["image"], self.device, channels_last=self.channels_last)
-        return images, batch["label"].to(self.device, non_blocking=True)
+        self.feed = DeviceFeed(device, channels_last=channels_last)
 
     def train(self, epoch: int, limit: int | None = None
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -414,26 +447,30 @@ class Batches:
         recalibration after the last epoch)."""
         steps = min(self.steps, limit or self.steps)
         source = self.source.train_batches(epoch, self.per_worker, steps)
-        for _ in range(steps):
-            batch = next(source, None)
-            # Every rank must take the same number of steps (each ends in an all-reduce);
-            # the batch count rides along, so a drifted rank is caught before it deadlocks.
-            have = torch.tensor([0.0 if batch is None else 1.0, float(self.served)],
-                                dtype=torch.float64, device=self.device)
-            self.collective.all_reduce_sum(have)
-            if int(have[1].item()) != self.world * self.served:
-                raise RanksDivergedError(f"ranks are at different steps (rank {self.rank} at "
-                                         f"batch {self.served}, sum {int(have[1].item())})")
-            if int(have[0].item()) < self.world:
-                if self.rank == 0:
-                    say(f"[raydsnas] epoch {epoch + 1}: a rank ran out of data early; "
-                          "ending the epoch on every rank")
-                return
+        taken = 0
+        for images, labels in self.feed(itertools.islice(source, steps)):
+            taken += 1
             self.served += 1
-            yield self._prepare(batch)
+            yield images, labels
+        if taken < steps and self.rank == 0:
+            say(f"[raydsnas] epoch {epoch + 1}: the shard ran out after {taken} of {steps} "
+                "batches (images skipped as corrupt?); ending the epoch there")
         if limit is None:
             for _ in source:  # finish the shard's epoch so the next one starts cleanly
                 pass
+
+    def check_lockstep(self) -> None:
+        """Fail on every rank if the ranks have taken different numbers of batches so far (one
+        small all-reduce; every step's gradient all-reduce assumes they have not)."""
+        if self.world == 1:
+            return
+        counts = torch.tensor([float(self.served), float(self.served) ** 2],
+                              dtype=torch.float64, device=self.device)
+        self.collective.all_reduce_sum(counts)
+        total, squares = counts.tolist()
+        if squares * self.world != total * total:
+            raise RanksDivergedError(f"ranks are at different steps (rank {self.rank} at batch "
+                                     f"{self.served}, mean {total / self.world:g})")
 
     def evaluate(self, forward, collective: Collective, prefix: str | None = None,
                  split: str = "val") -> dict[str, float]:
@@ -448,8 +485,7 @@ class Batches:
         source = self.source.eval_batches(split, self.per_worker)
         sums = torch.zeros(4, dtype=torch.float64)
         with torch.no_grad():
-            for batch in source:
-                images, labels = self._prepare(batch)
+            for images, labels in self.feed(source):
                 sums += accuracy_sums(forward(images), labels)
         sums = sums.to(self.device)
         collective.all_reduce_sum(sums)
