@@ -32,6 +32,7 @@ import hashlib
 import io
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,7 @@ DEPS: list[tuple[str, str]] = [
     ("pydantic", "Train V2 refuses to import without it; the dashboard's job/state schemas"),
     ("aiohttp_cors", "dashboard (ray.dashboard.optional_deps): the dashboard and `ray job submit`"),
     ("opencensus", "dashboard/metrics agent (optional_deps); installed --no-deps, see NO_DEPS"),
+    ("opencensus-context", "opencensus' own dependency (opencensus itself goes in --no-deps)"),
     ("opentelemetry-sdk", "dashboard/metrics agent (optional_deps)"),
     ("opentelemetry-exporter-prometheus", "dashboard/metrics agent (optional_deps)"),
     ("opentelemetry-proto", "dashboard/metrics agent (optional_deps)"),
@@ -189,7 +191,7 @@ def slim_wheel(src: Path, dst: Path, patterns: list[str]) -> dict:
             note_name = f"{dist_info}/SLIMMED"
             if note_name not in kept_names:
                 info = zipfile.ZipInfo(note_name, date_time=(2026, 1, 1, 0, 0, 0))
-                info.external_attr = 0o644 << 16
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
                 zout.writestr(info, note, compress_type=zipfile.ZIP_DEFLATED)
                 rows.append([note_name, record_hash(note), str(len(note))])
             rows.append([record_name, "", ""])
