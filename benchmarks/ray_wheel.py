@@ -66,7 +66,8 @@ REMOVE: list[tuple[str, str]] = [
 ]
 
 # What the GPU test machine has (normalized names), with the packages those pull in for sure
-# (aiohttp's, requests', pandas', torch's). Wheels of these are not sent along.
+# (aiohttp's, requests'). Wheels of these are not sent along. Not assumed: six (pandas 3 no
+# longer needs python-dateutil; a simulated machine with only this list had no six).
 GPU_HAS = {
     "numpy", "pyarrow", "pandas", "fsspec", "pyyaml", "safetensors", "aiohttp", "grpcio",
     "protobuf", "msgpack", "click", "filelock", "requests", "tensorboard", "pytest", "onnx",
@@ -75,8 +76,6 @@ GPU_HAS = {
     "aiohappyeyeballs", "aiosignal", "attrs", "frozenlist", "multidict", "propcache", "yarl",
     # requests'
     "certifi", "charset-normalizer", "idna", "urllib3",
-    # pandas' (python-dateutil needs six)
-    "python-dateutil", "six", "tzdata", "pytz",
 }
 
 # Top-level packages to send: Ray's own Requires-Dist (base and the default/train/tune/data
@@ -88,6 +87,9 @@ DEPS: list[tuple[str, str]] = [
     ("aiohttp_cors", "dashboard (ray.dashboard.optional_deps): the dashboard and `ray job submit`"),
     ("opencensus", "dashboard/metrics agent (optional_deps); installed --no-deps, see NO_DEPS"),
     ("opencensus-context", "opencensus' own dependency (opencensus itself goes in --no-deps)"),
+    ("six", "opencensus' own dependency (opencensus.metrics imports it)"),
+    ("googleapis-common-protos", "google.rpc, which opencensus.trace imports (the dashboard agent "
+                                 "dies without it); the one part of google-api-core's chain needed"),
     ("opentelemetry-sdk", "dashboard/metrics agent (optional_deps)"),
     ("opentelemetry-exporter-prometheus", "dashboard/metrics agent (optional_deps)"),
     ("opentelemetry-proto", "dashboard/metrics agent (optional_deps)"),
@@ -271,7 +273,8 @@ set -e
 W="$(cd "$(dirname "$0")" && pwd)"
 PY="${{PYTHON:-python3}}"
 "$PY" -m pip install -q --no-index --no-cache-dir --find-links "$W" "$W/{ray_wheel}" {' '.join(resolved)}
-# Declared dependencies cut on purpose (google-api-core and its chain), hence --no-deps:
+# Declared dependencies cut on purpose (google-api-core and its chain), hence --no-deps; pip then
+# says "opencensus ... requires google-api-core ..., which is not installed": expected.
 "$PY" -m pip install -q --no-index --no-cache-dir --no-deps {' '.join('"$W/' + n + '"' for n in no_deps)}
 "$PY" -c "import ray, ray.train.torch, ray.tune, ray.data; print('ray', ray.__version__, 'from', ray.__file__)"
 """
