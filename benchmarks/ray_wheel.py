@@ -19,7 +19,7 @@ script, run on a CPU machine with pip and internet (stdlib + pip only):
 
 On the GPU machine (carry "benchmarks/wheels"):
 
-    sh benchmarks/wheels/install.sh && python3 -m pip install -q --no-deps --no-index -e .
+    sh benchmarks/wheels/install.sh && python3 -m pip install -q --no-deps --no-index --no-build-isolation -e .
 """
 
 from __future__ import annotations
@@ -266,7 +266,8 @@ def install_script(ray_wheel: str, deps: list[Path]) -> str:
     return f"""#!/bin/sh
 # Installs Ray {RAY_VERSION} (slimmed, see ray_wheel.py) from this folder, offline.
 # Usage, from the repo root on the GPU machine:  sh benchmarks/wheels/install.sh
-#   then the project:  python3 -m pip install -q --no-deps --no-index -e .
+#   then the project:  python3 -m pip install -q --no-deps --no-index --no-build-isolation -e .
+# (--no-build-isolation: offline, pip cannot fetch setuptools into an isolated build env.)
 # PYTHON overrides the interpreter (default python3). Dependencies already installed and new
 # enough are kept; only the missing ones come from this folder.
 set -e

@@ -33,7 +33,11 @@ def train_loop(config):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    ray.train.report({"loss": float(loss), "device": str(device)})
+    # Train V2 keeps in Result.metrics only what came with a checkpoint.
+    with tempfile.TemporaryDirectory() as ckpt:
+        torch.save(model.state_dict(), Path(ckpt) / "model.pt")
+        ray.train.report({"loss": loss.item(), "device": str(device)},
+                         checkpoint=ray.train.Checkpoint.from_directory(ckpt))
 
 
 def main() -> int:
@@ -71,7 +75,8 @@ def main() -> int:
             datasets={"train": ds})
         result = trainer.fit()
         print("TorchTrainer metrics", result.metrics, flush=True)
-        assert "loss" in result.metrics, result
+        assert result.metrics and "loss" in result.metrics, result
+        assert (Path(result.checkpoint.path) / "model.pt").is_file(), result.checkpoint
 
         def trainable(config):
             ray.tune.report({"score": config["a"] * 2})
