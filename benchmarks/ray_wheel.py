@@ -48,19 +48,19 @@ HERE = Path(__file__).resolve().parent
 # (TorchTrainer), Tune, Data, the dashboard and `ray job submit` on one node:
 REMOVE: list[tuple[str, str]] = [
     ("ray/jars/",
-     "Java workers only (33 MB): services.py starts a Java worker only when `java` is on PATH "
-     "and ray/jars exists; without it the raylet gets an empty --java_worker_command"),
+     ("Java workers only (33 MB): services.py starts a Java worker only when `java` is on PATH "
+     "and ray/jars exists; without it the raylet gets an empty --java_worker_command")),
     ("ray/rllib/",
-     "RLlib: imported only by ray.tune.registry._has_rllib_trainable (inside try/except "
-     "ImportError, for string trainable names) and tune/examples"),
+     ("RLlib: imported only by ray.tune.registry._has_rllib_trainable (inside try/except "
+     "ImportError, for string trainable names) and tune/examples")),
     ("ray/serve/",
-     "Serve: imported only lazily by the dashboard's serve endpoints and the `serve`/`ray serve` "
-     "CLI (inside try/except); Train/Tune/Data and the job server do not import it"),
+     ("Serve: imported only lazily by the dashboard's serve endpoints and the `serve`/`ray serve` "
+     "CLI (inside try/except); Train/Tune/Data and the job server do not import it")),
     ("ray/llm/",
      "Ray LLM: imported only by ray.data.llm, which nothing imports unless asked"),
     ("ray/dashboard/client/build/*.map",
-     "source maps of the dashboard UI (debugging the JS only); the build itself stays, since "
-     "the dashboard head refuses to start without client/build on Linux"),
+     ("source maps of the dashboard UI (debugging the JS only); the build itself stays, since "
+     "the dashboard head refuses to start without client/build on Linux")),
     ("ray/tune/examples/", "examples, not imported"),
     ("ray/train/examples/", "examples, not imported"),
 ]
@@ -88,8 +88,8 @@ DEPS: list[tuple[str, str]] = [
     ("opencensus", "dashboard/metrics agent (optional_deps); installed --no-deps, see NO_DEPS"),
     ("opencensus-context", "opencensus' own dependency (opencensus itself goes in --no-deps)"),
     ("six", "opencensus' own dependency (opencensus.metrics imports it)"),
-    ("googleapis-common-protos", "google.rpc, which opencensus.trace imports (the dashboard agent "
-                                 "dies without it); the one part of google-api-core's chain needed"),
+    ("googleapis-common-protos", ("google.rpc, which opencensus.trace imports (the dashboard agent "
+                                 "dies without it); the one part of google-api-core's chain needed")),
     ("opentelemetry-sdk", "dashboard/metrics agent (optional_deps)"),
     ("opentelemetry-exporter-prometheus", "dashboard/metrics agent (optional_deps)"),
     ("opentelemetry-proto", "dashboard/metrics agent (optional_deps)"),

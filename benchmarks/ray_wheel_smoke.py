@@ -16,10 +16,9 @@ from pathlib import Path
 
 
 def train_loop(config):
-    import torch
-
     import ray.train
     import ray.train.torch
+    import torch
 
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(torch.nn.Linear(4, 1))
@@ -47,13 +46,12 @@ def main() -> int:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
-
     import ray
     import ray.data
     import ray.train
     import ray.train.torch
     import ray.tune
+    import torch
 
     use_gpu = torch.cuda.is_available()
     t0 = time.time()
