@@ -327,7 +327,7 @@ class SupernetTrainer:
     def _build_weight_optimizer(self, total_steps: int, warmup_steps: int) -> None:
         cfg = self.config
         self.weight_opt = torch.optim.SGD(weight_param_groups(self.supernet, cfg.weight_decay),
-                                          lr=cfg.lr, momentum=cfg.momentum)
+                                          lr=cfg.lr, momentum=cfg.momentum, foreach=True)
         self._schedule = (total_steps, warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.weight_opt, lambda step: self.lr_factor(step))
