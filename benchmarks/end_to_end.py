@@ -72,7 +72,7 @@ RECALIBRATION_BATCHES = 8
 ONE_STAGE = ("dsnas", "fixed-same", "fixed-random")
 TWO_STAGE = ("spos+retrain", "spos+finetune", "random+finetune")
 ABLATIONS = ("dsnas-inherit", "dsnas-eps1e-5", "dsnas-idle-none", "dsnas-baseline",
-             "dsnas-landed")
+             "dsnas-landed", "dsnas-exact")
 # The built-in sets as the jobs run them: (uri, image size, classes, total epochs E).
 DATA = {"digits": ("builtin:digits", 32, 10, 12), "shapes": ("builtin:shapes", 16, 24, 8)}
 # The weight learning rate of the data set's job at batch 64. Shapes: 0.05, chosen on a part of
@@ -185,6 +185,8 @@ def run_dsnas(method, space, data, args, seed, limit) -> Outcome:
         changes["idle_grad"] = "none"
     if method in ("dsnas-inherit", "dsnas-landed"):
         changes["child_start"] = "inherit"
+    if method == "dsnas-exact":  # alpha updated before the next path is drawn (the paper's order)
+        changes["alpha_update"] = "exact"
     if method == "dsnas-landed":
         changes.update(freeze_by=None, child_schedule="continue")
     if method == "dsnas-baseline":
