@@ -128,6 +128,8 @@ _EXPORTS = {
     "ShardEntry": "raydsnas.data.format",
     "SplitInfo": "raydsnas.data.format",
     "DataSets": "raydsnas.data.pipeline",
+    "DeviceDecoder": "raydsnas.data.device_decode",
+    "is_encoded": "raydsnas.data.device_decode",
     "IMAGENET_MEAN": "raydsnas.data.pipeline",
     "IMAGENET_STD": "raydsnas.data.pipeline",
     "SkippedImages": "raydsnas.data.pipeline",
@@ -152,7 +154,7 @@ _EXPORTS = {
     "write_shards": "raydsnas.data.writer",
 }
 
-__all__ = [  # noqa: F822 (resolved by __getattr__)
+__all__ = [
     "BUILTIN_SETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -162,6 +164,7 @@ __all__ = [  # noqa: F822 (resolved by __getattr__)
     "DataSets",
     "DataSpec",
     "DataSpecError",
+    "DeviceDecoder",
     "EndpointUnreachableError",
     "LabelOutOfRangeError",
     "Manifest",
@@ -183,6 +186,7 @@ __all__ = [  # noqa: F822 (resolved by __getattr__)
     "describe_source",
     "execution_options",
     "in_memory_splits",
+    "is_encoded",
     "iter_train_batches",
     "local_shuffle_seed",
     "normalize",

@@ -18,6 +18,7 @@ import ray.util
 import torch
 from ray.data import ExecutionOptions, ExecutionResources
 from ray.data.block import BlockMetadata
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.context import DataContext
 
 from raydsnas.data.errors import (
@@ -35,6 +36,7 @@ from raydsnas.data.images import (
     DECODE_ERRORS,
     RandomResizedCropFlip,
     ResizeCenterCrop,
+    as_byte_tensor,
     decode_rgb,
     image_size,
     resized_crop,
@@ -387,6 +389,7 @@ def _split_dataset(
             skipped=skipped,
             keep_keys=spec.keep_keys,
             key_filter=key_filter,
+            encoded=training and spec.decode == "gpu",
         ),
         batch_format="numpy",
         batch_size=None,  # whole blocks (see target_block_bytes); a batch size would stop fusion
@@ -413,7 +416,9 @@ def iter_train_batches(
     """One epoch of training batches from a dataset or a Train worker's shard
     (`ray.train.get_dataset_shard("train")`), through the seeded local shuffle buffer.
 
-    Tensors stay on the CPU as uint8; call `normalize` on the device."""
+    Tensors stay on the CPU as uint8; call `normalize` on the device. With `data.decode: gpu`
+    the batches are encoded (`EncodedBatch`): decode them with
+    `raydsnas.data.device_decode.DeviceDecoder` first."""
     return iter(
         data.iter_torch_batches(
             batch_size=batch_size,
@@ -424,8 +429,32 @@ def iter_train_batches(
             if spec.shuffle_buffer
             else None,
             device="cpu",
+            collate_fn=EncodedBatch() if spec.decode == "gpu" else None,
         )
     )
+
+
+class EncodedBatch(NumpyBatchCollateFn):
+    """The collation of `data.decode: gpu` training batches (Ray Data's collate step, in its
+    prefetch thread): rows of `decode_batch(encoded=True)` -> one dict of
+
+        encoded  list of N uint8 CPU tensors, each image file's bytes (JPEG, or PNG etc.)
+        box      int64 [N, 4]: the crop box (left, top, right, bottom) in the decoded image
+        flip     bool [N]: mirror the crop
+        label    int64 [N]
+        key      numpy str [N]: the sample keys; shard: numpy str [N]: their shard URIs
+                 (for the error of an image the device cannot decode)
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {
+            "encoded": [as_byte_tensor(data) for data in batch["encoded"]],
+            "box": torch.from_numpy(batch["box"].astype(np.int64)),
+            "flip": torch.from_numpy(batch["flip"].astype(bool)),
+            "label": torch.from_numpy(batch["label"].astype(np.int64)),
+            "key": batch["key"],
+            "shard": batch["shard"],
+        }
 
 
 def normalize(

@@ -1,16 +1,38 @@
 """Decoding on tensors (libjpeg-turbo + torch's antialiased bilinear resize) against the PIL path
-it replaced, within the stated tolerance."""
+it replaced, within the stated tolerance; `data.decode: gpu` (encoded batches + `DeviceDecoder`)
+against `data.decode: cpu`."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
-from raydsnas.data.images import RandomResizedCropFlip, ResizeCenterCrop, decode_rgb
+from raydsnas.data import (
+    CorruptImageError,
+    DataSpec,
+    DataSpecError,
+    DeviceDecoder,
+    build_datasets,
+    is_encoded,
+    iter_train_batches,
+    write_shards,
+)
+from raydsnas.data.images import (
+    RandomResizedCropFlip,
+    ResizeCenterCrop,
+    decode_rgb,
+    resized_crop,
+)
+from tests.data.test_bad_data import rewrite_shard
 
 
 def pil_train_crop(data: bytes, crop: RandomResizedCropFlip, rng) -> np.ndarray:
@@ -97,3 +119,167 @@ def test_undecodable_bytes_raise_what_pil_raises():
     for bad in (b"\xff\xd8\xff\xe0 this is not a JPEG", data[: len(data) // 2], b"not an image"):
         with pytest.raises(OSError):
             decode_rgb(bad)
+
+
+# --- data.decode: gpu, through real Ray and real shard files -------------------------------
+
+
+def write_photo_folder(root: Path, kinds: dict[str, list[str]], seed: int = 0) -> Path:
+    """SRC/<class>/<name>.<ext>, photo-like pixels of 40-90 px a side, one file per kind."""
+    rng = np.random.default_rng(seed)
+    for class_name, class_kinds in kinds.items():
+        (root / class_name).mkdir(parents=True)
+        for i, kind in enumerate(class_kinds):
+            width, height = (int(v) for v in rng.integers(40, 91, size=2))
+            suffix = "png" if kind == "png" else "jpg"
+            (root / class_name / f"{kind}{i}.{suffix}").write_bytes(
+                encode(photo_like(rng, width, height), kind))
+    return root
+
+
+KINDS = ["jpeg", "jpeg", "jpeg", "png", "gray-jpeg", "cmyk-jpeg"]
+
+
+@pytest.fixture
+def photo_shards(tmp_path) -> Path:
+    src = write_photo_folder(tmp_path / "src", {"a": KINDS, "b": KINDS, "c": KINDS[:3]})
+    dst = tmp_path / "shards"
+    write_shards(str(src), str(dst), shard_size=4, val_src=str(src), use_ray=False)
+    return dst
+
+
+def cpu_epoch(dataset) -> dict[str, np.ndarray]:
+    return {str(key): image for batch in dataset.iter_batches(batch_size=5)
+            for key, image in zip(batch["key"], batch["image"], strict=True)}
+
+
+def device_epoch(dataset, spec: DataSpec, epoch: int, decoder: DeviceDecoder
+                 ) -> dict[str, np.ndarray]:
+    out = {}
+    for batch in iter_train_batches(dataset, spec, epoch=epoch, batch_size=5, drop_last=False):
+        assert is_encoded(batch) and isinstance(batch["encoded"][0], torch.Tensor)
+        decoded = decoder(batch)
+        assert not is_encoded(decoded) and decoded["image"].device == decoder.device
+        assert torch.equal(decoded["label"], batch["label"])
+        out.update(zip((str(k) for k in decoded["key"]), decoded["image"].numpy(), strict=True))
+    return out
+
+
+def test_gpu_decode_on_a_cpu_device_gives_the_cpu_pipeline_pixels(ray_local, photo_shards):
+    """The same crop boxes and flips for the same seed, epoch and key, drawn in the Ray Data
+    task from the header alone. On a CPU device the decoder and resize are those of
+    `decode: cpu`, so the tolerance is 0 (on CUDA: nvJPEG and the float resize, +-2)."""
+    cpu_spec = DataSpec(uri=str(photo_shards), image_size=32, seed=5, keep_keys=True)
+    gpu_spec = dataclasses.replace(cpu_spec, decode="gpu")
+    cpu_train = build_datasets(cpu_spec).train
+    gpu_train = build_datasets(gpu_spec).train
+    decoder = DeviceDecoder(gpu_spec, torch.device("cpu"))
+    epochs = []
+    for epoch in range(2):
+        expected, got = cpu_epoch(cpu_train), device_epoch(gpu_train, gpu_spec, epoch, decoder)
+        assert sorted(got) == sorted(expected) and len(got) == 15
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+        epochs.append(got)
+    assert any(not np.array_equal(epochs[0][k], epochs[1][k]) for k in epochs[0])
+    kinds = {Path(k).stem.rstrip("0123456789") for k in epochs[0]}
+    assert kinds == {"jpeg", "png", "gray-jpeg", "cmyk-jpeg"}  # the fallbacks are in there
+
+
+def test_device_decoder_validation_crop_matches_the_cpu_validation_pipeline(
+    ray_local, photo_shards
+):
+    spec = DataSpec(uri=str(photo_shards), image_size=32, keep_keys=True, decode="gpu")
+    val = build_datasets(spec).val  # decoded on CPU whatever data.decode says
+    expected = cpu_epoch(val)
+    decoder = DeviceDecoder(spec, "cpu", training=False)
+    src = photo_shards.parent / "src"
+    keys = sorted(expected)
+    batch = {"encoded": [torch.frombuffer(bytearray((src / k).read_bytes()), dtype=torch.uint8)
+                         for k in keys],
+             "label": torch.zeros(len(keys), dtype=torch.int64),
+             "key": np.array(keys), "shard": np.array(["-"] * len(keys))}
+    decoded = decoder(batch)
+    for key, image in zip(keys, decoded["image"].numpy(), strict=True):
+        np.testing.assert_array_equal(image, expected[key], err_msg=key)
+
+
+def test_png_falls_back_to_the_cpu_decoder():
+    spec = DataSpec(uri="builtin:digits", image_size=16, decode="gpu")
+    rng = np.random.default_rng(0)
+    pixels = photo_like(rng, 30, 20)
+    data = [encode(pixels, "png"), encode(pixels, "jpeg")]
+    batch = {"encoded": [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data],
+             "box": torch.tensor([[0, 0, 30, 20], [0, 0, 30, 20]]),
+             "flip": torch.tensor([False, True]), "label": torch.tensor([1, 2]),
+             "key": np.array(["a/x.png", "a/x.jpg"]), "shard": np.array(["s", "s"])}
+    decoded = DeviceDecoder(spec, "cpu")(batch)
+    assert decoded["image"].shape == (2, 3, 16, 16) and decoded["label"].tolist() == [1, 2]
+    for image, raw, flip in zip(decoded["image"], data, (False, True), strict=True):
+        expected = resized_crop(decode_rgb(raw), (0, 0, 30, 20), 16, flip)
+        assert torch.equal(image, expected)
+
+
+def garble_shards(dst: Path, bad_key: str, make_bad) -> None:
+    def garble(table: pa.Table) -> tuple[pa.Table, bool]:
+        images = [make_bad(image) if key == bad_key else image for image, key in
+                  zip(table["image"].to_pylist(), table["key"].to_pylist(), strict=True)]
+        return table.set_column(0, "image", pa.array(images, pa.binary())), True
+
+    for shard in sorted(dst.glob("*/part-*.parquet")):
+        if bad_key in pq.read_table(shard, columns=["key"])["key"].to_pylist():
+            rewrite_shard(shard, garble)
+
+
+def shard_of(dst: Path, split: str, key: str) -> str:
+    for shard in sorted((dst / split).glob("part-*.parquet")):
+        if key in pq.read_table(shard, columns=["key"])["key"].to_pylist():
+            return f"{dst}/{split}/{shard.name}"
+    raise AssertionError(key)
+
+
+def test_truncated_jpeg_fails_in_the_device_decoder_naming_shard_and_key(
+    ray_local, photo_shards
+):
+    """Its header reads, so the Ray Data task ships it; the decoder then names it."""
+    bad_key = "a/jpeg1.jpg"
+    garble_shards(photo_shards, bad_key, lambda data: data[: len(data) // 2])
+    spec = DataSpec(uri=str(photo_shards), image_size=16, decode="gpu")
+    train = build_datasets(spec).train
+    decoder = DeviceDecoder(spec, "cpu")
+    with pytest.raises(CorruptImageError) as failure:
+        for batch in iter_train_batches(train, spec, epoch=0, batch_size=4, drop_last=False):
+            decoder(batch)
+    message = str(failure.value)
+    assert (f"shard {shard_of(photo_shards, 'train', bad_key)}, key {bad_key}: "
+            "cannot decode the image: OSError" in message)
+
+    skipping = dataclasses.replace(spec, skip_corrupt=True)
+    data = build_datasets(skipping)
+    decoder = DeviceDecoder(skipping, "cpu", skipped=data.skipped)
+    seen = sum(len(decoder(batch)["label"]) for batch in
+               iter_train_batches(data.train, skipping, epoch=0, batch_size=4, drop_last=False))
+    assert seen == 14 and data.skipped.count() == 1
+    [(where, reason)] = data.skipped.reasons().items()
+    assert where == f"{shard_of(photo_shards, 'train', bad_key)}:{bad_key}"
+    assert "cannot decode the image" in reason
+
+
+def test_unreadable_header_fails_in_the_ray_data_task_naming_shard_and_key(
+    ray_local, photo_shards
+):
+    bad_key = "b/png3.png"
+    garble_shards(photo_shards, bad_key, lambda data: b"\xff\xd8\xff\xe0 this is not a JPEG")
+    spec = DataSpec(uri=str(photo_shards), image_size=16, decode="gpu")
+    with pytest.raises(Exception) as failure:
+        list(iter_train_batches(build_datasets(spec).train, spec, epoch=0, batch_size=4))
+    message = str(failure.value)
+    assert CorruptImageError.__name__ in message
+    assert (f"shard {shard_of(photo_shards, 'train', bad_key)}, key {bad_key}: "
+            "cannot decode the image" in message)
+
+
+def test_data_spec_refuses_an_unknown_decode_place():
+    with pytest.raises(DataSpecError, match=r"data.decode = 'tpu' is not allowed; expected one "
+                                            r"of \['cpu', 'gpu'\]"):
+        DataSpec.from_dict({"decode": "tpu"})
