@@ -5,8 +5,8 @@ seeded generator, exactly as the CPU decode step does (`raydsnas.data.pipeline.d
 `iter_train_batches` delivers the encoded batch (`raydsnas.data.pipeline.EncodedBatch`):
 
     {"encoded": [uint8 CPU tensor of each file's bytes] * N, "box": int64 [N, 4]
-     (left, top, right, bottom), "flip": bool [N], "label": int64 [N],
-     "key": str [N], "shard": str [N]}
+     (left, top, right, bottom), "flip": bool [N], "plain_jpeg": bool [N] (an RGB or
+     grayscale JPEG), "label": int64 [N], "key": str [N], "shard": str [N]}
 
 and the training loop turns it into the batch `decode: cpu` would have given:
 
@@ -14,9 +14,9 @@ and the training loop turns it into the batch `decode: cpu` would have given:
     batch = decoder(batch) if is_encoded(batch) else batch
     x = normalize(batch["image"], device)  # uint8 [N, 3, S, S], already on `device`
 
-JPEGs go to `torchvision.io.decode_jpeg(list, device=device)` in one call (the batched nvJPEG
-decode on CUDA; libjpeg-turbo on a CPU device). What the device refuses (PNG, CMYK where
-nvJPEG has no support, damaged files) is decoded on the CPU (`raydsnas.data.images.decode_rgb`)
+Plain JPEGs go to `torchvision.io.decode_jpeg(list, device=device)` in one call (the batched
+nvJPEG decode on CUDA; libjpeg-turbo on a CPU device). The rest (PNG, CMYK JPEGs: their
+header says so) and what the device refuses (damaged files) are decoded on the CPU (`raydsnas.data.images.decode_rgb`)
 and copied over; what the CPU cannot decode either is a corrupt image: `CorruptImageError`
 naming shard and key, or, with `data.skip_corrupt`, left out and recorded.
 
@@ -73,7 +73,7 @@ class DeviceDecoder:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         encoded = batch["encoded"]
-        images = self.decode(encoded)
+        images = self.decode(encoded, batch.get("plain_jpeg"))
         out = torch.empty((len(encoded), 3, self.size, self.size), dtype=torch.uint8,
                           device=self.device)
         kept: list[int] = []
@@ -99,10 +99,13 @@ class DeviceDecoder:
             result["key"] = batch["key"][kept]
         return result
 
-    def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | BaseException]:
-        """Each file's uint8 [3, H, W] on the device, or the error that says why not."""
+    def decode(self, encoded: list[torch.Tensor], plain_jpeg: torch.Tensor | None = None
+               ) -> list[torch.Tensor | BaseException]:
+        """Each file's uint8 [3, H, W] on the device, or the error that says why not.
+        `plain_jpeg` (bool [N], from the header) picks the files for the device decoder;
+        without it, every file that starts like a JPEG."""
         images: list[torch.Tensor | BaseException | None] = [None] * len(encoded)
-        jpegs = [i for i, data in enumerate(encoded) if tuple(data[:2].tolist()) == JPEG_START]
+        jpegs = self.device_decodable(encoded, plain_jpeg)
         if jpegs:
             try:
                 decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB,
@@ -124,6 +127,13 @@ class DeviceDecoder:
                 except DECODE_ERRORS as error:
                     images[i] = error
         return images  # type: ignore[return-value]
+
+    @staticmethod
+    def device_decodable(encoded: list[torch.Tensor], plain_jpeg: torch.Tensor | None
+                         ) -> list[int]:
+        if plain_jpeg is not None:
+            return [i for i, plain in enumerate(plain_jpeg.tolist()) if plain]
+        return [i for i, data in enumerate(encoded) if tuple(data[:2].tolist()) == JPEG_START]
 
     def crop(self, image: torch.Tensor, batch: dict[str, Any], row: int
              ) -> torch.Tensor | BaseException:

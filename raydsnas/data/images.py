@@ -63,12 +63,13 @@ def undecodable_reason(error: BaseException) -> str:
     return f"cannot decode the image: {type(error).__name__}: {error}"
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the file's header alone (PIL reads no pixels for this). Raises one
-    of `DECODE_ERRORS` for bytes that are no image; damage past the header shows only when
-    the pixels are decoded."""
+def image_header(data: bytes) -> tuple[int, int, bool]:
+    """(width, height, plain_jpeg) from the file's header alone (PIL reads no pixels for
+    this); `plain_jpeg`: an RGB or grayscale JPEG (what nvJPEG decodes; not CMYK, not PNG).
+    Raises one of `DECODE_ERRORS` for bytes that are no image; damage past the header shows
+    only when the pixels are decoded."""
     with Image.open(io.BytesIO(data)) as image:
-        return image.size
+        return (*image.size, image.format == "JPEG" and image.mode in ("RGB", "L"))
 
 
 def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from raydsnas.data.images import (
     ResizeCenterCrop,
     as_byte_tensor,
     decode_rgb,
-    image_size,
+    image_header,
     resized_crop,
     undecodable_reason,
 )
@@ -141,6 +141,7 @@ def decode_batch(
     if encoded:
         boxes = np.empty((count, 4), dtype=np.int32)
         flips = np.zeros(count, dtype=bool)
+        plain_jpegs = np.zeros(count, dtype=bool)
     else:
         images = np.empty((count, 3, size, size), dtype=np.uint8)
     kept: list[int] = []
@@ -157,7 +158,7 @@ def decode_batch(
             )
         try:
             if encoded:
-                width, height = image_size(data[row])
+                width, height, plain_jpegs[len(kept)] = image_header(data[row])
             else:
                 image = decode_rgb(data[row])
         except DECODE_ERRORS as error:
@@ -187,6 +188,7 @@ def decode_batch(
             "encoded": data[kept],
             "box": boxes[: len(kept)],
             "flip": flips[: len(kept)],
+            "plain_jpeg": plain_jpegs[: len(kept)],
             "label": labels[kept].astype(np.int64),
             "key": keys[kept],
             "shard": np.array([shard_uri_of.get(str(p), str(p)) for p in paths[kept]]),
@@ -441,6 +443,7 @@ class EncodedBatch(NumpyBatchCollateFn):
         encoded  list of N uint8 CPU tensors, each image file's bytes (JPEG, or PNG etc.)
         box      int64 [N, 4]: the crop box (left, top, right, bottom) in the decoded image
         flip     bool [N]: mirror the crop
+        plain_jpeg  bool [N]: an RGB or grayscale JPEG (the others decode on the CPU)
         label    int64 [N]
         key      numpy str [N]: the sample keys; shard: numpy str [N]: their shard URIs
                  (for the error of an image the device cannot decode)
@@ -451,6 +454,7 @@ class EncodedBatch(NumpyBatchCollateFn):
             "encoded": [as_byte_tensor(data) for data in batch["encoded"]],
             "box": torch.from_numpy(batch["box"].astype(np.int64)),
             "flip": torch.from_numpy(batch["flip"].astype(bool)),
+            "plain_jpeg": torch.from_numpy(batch["plain_jpeg"].astype(bool)),
             "label": torch.from_numpy(batch["label"].astype(np.int64)),
             "key": batch["key"],
             "shard": batch["shard"],

@@ -148,6 +148,10 @@ def photo_shards(tmp_path) -> Path:
     return dst
 
 
+def kind_of(key: str) -> str:
+    return Path(str(key)).stem.rstrip("0123456789")
+
+
 def cpu_epoch(dataset) -> dict[str, np.ndarray]:
     return {str(key): image for batch in dataset.iter_batches(batch_size=5)
             for key, image in zip(batch["key"], batch["image"], strict=True)}
@@ -158,6 +162,8 @@ def device_epoch(dataset, spec: DataSpec, epoch: int, decoder: DeviceDecoder
     out = {}
     for batch in iter_train_batches(dataset, spec, epoch=epoch, batch_size=5, drop_last=False):
         assert is_encoded(batch) and isinstance(batch["encoded"][0], torch.Tensor)
+        for key, plain in zip(batch["key"], batch["plain_jpeg"].tolist(), strict=True):
+            assert plain == (kind_of(key) in ("jpeg", "gray-jpeg")), key  # CMYK, PNG: CPU
         decoded = decoder(batch)
         assert not is_encoded(decoded) and decoded["image"].device == decoder.device
         assert torch.equal(decoded["label"], batch["label"])
@@ -182,7 +188,7 @@ def test_gpu_decode_on_a_cpu_device_gives_the_cpu_pipeline_pixels(ray_local, pho
             np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
         epochs.append(got)
     assert any(not np.array_equal(epochs[0][k], epochs[1][k]) for k in epochs[0])
-    kinds = {Path(k).stem.rstrip("0123456789") for k in epochs[0]}
+    kinds = {kind_of(k) for k in epochs[0]}
     assert kinds == {"jpeg", "png", "gray-jpeg", "cmyk-jpeg"}  # the fallbacks are in there
 
 
