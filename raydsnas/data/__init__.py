@@ -47,6 +47,14 @@ Train: Parquet read with a seeded file shuffle, decode + RandomResizedCrop(`crop
 local shuffle buffer of `shuffle_buffer` rows. Validation: Resize(shorter side = image_size /
 val_crop_ratio) + CenterCrop(image_size), not shuffled. `normalize` standardises with the
 ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) on the device.
+Decoding (`raydsnas.data.images`): JPEG with libjpeg-turbo (`torchvision.io.decode_jpeg`), PNG and
+what it refuses with PIL; crops resized by torch's antialiased bilinear filter.
+
+`decode: gpu` moves the training decode to the workers' device: the Ray Data tasks read only
+each image's header, draw the same crop box and flip, and `iter_train_batches` yields encoded
+batches (`EncodedBatch`); `DeviceDecoder(spec, device)(batch)` (`raydsnas.data.device_decode`)
+returns the batch `decode: cpu` would have given, its images on the device
+(`is_encoded(batch)` tells the two apart). Validation and selection stay decoded on CPU.
 
 Per-epoch order: every pass over `train` is one Ray Data execution; Ray numbers them, and the file
 order and each sample's crop/flip are drawn from (seed, that number, sample key). A fresh
@@ -128,6 +136,8 @@ _EXPORTS = {
     "ShardEntry": "raydsnas.data.format",
     "SplitInfo": "raydsnas.data.format",
     "DataSets": "raydsnas.data.pipeline",
+    "DeviceDecoder": "raydsnas.data.device_decode",
+    "is_encoded": "raydsnas.data.device_decode",
     "IMAGENET_MEAN": "raydsnas.data.feed",
     "IMAGENET_STD": "raydsnas.data.feed",
     "SkippedImages": "raydsnas.data.pipeline",
@@ -152,7 +162,7 @@ _EXPORTS = {
     "write_shards": "raydsnas.data.writer",
 }
 
-__all__ = [  # noqa: F822 (resolved by __getattr__)
+__all__ = [
     "BUILTIN_SETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -162,6 +172,7 @@ __all__ = [  # noqa: F822 (resolved by __getattr__)
     "DataSets",
     "DataSpec",
     "DataSpecError",
+    "DeviceDecoder",
     "EndpointUnreachableError",
     "LabelOutOfRangeError",
     "Manifest",
@@ -183,6 +194,7 @@ __all__ = [  # noqa: F822 (resolved by __getattr__)
     "describe_source",
     "execution_options",
     "in_memory_splits",
+    "is_encoded",
     "iter_train_batches",
     "local_shuffle_seed",
     "normalize",

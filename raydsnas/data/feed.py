@@ -51,7 +51,9 @@ def normalize(images: torch.Tensor, device: torch.device | str | None = None,
 
 
 Batch = dict[str, Any]
-Decoder = Callable[[Batch], torch.Tensor]  # an encoded batch -> uint8 [N, 3, S, S] on the device
+# An encoded batch -> {"image": uint8 [N, 3, S, S] on the device, "label": int64 [N]} (fewer
+# rows if it leaves corrupt images out): `raydsnas.data.device_decode.DeviceDecoder`.
+Decoder = Callable[[Batch], Batch]
 
 
 class DeviceFeed:
@@ -81,7 +83,8 @@ class DeviceFeed:
         if self.is_encoded is not None and self.is_encoded(batch):
             if self.decoder is None:
                 raise ValueError("an encoded batch (data.decode: gpu) needs a decoder")
-            images = self.decoder(batch)
+            batch = self.decoder(batch)
+            images = batch["image"]
         else:
             images = self._host_to_device(batch["image"])
         labels = self._host_to_device(torch.as_tensor(batch["label"]))

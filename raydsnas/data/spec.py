@@ -19,6 +19,9 @@ from raydsnas.data.builtin import BUILTIN_PREFIX, BUILTIN_SETS
 from raydsnas.data.errors import DataSpecError
 from raydsnas.data.storage import redact_storage_options
 
+# Where `DataSpec.decode` may put the decoding of training images.
+DECODE_PLACES = ("cpu", "gpu")
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -46,6 +49,11 @@ class DataSpec:
         target_block_bytes: largest block the read and decode steps emit, i.e. how many
             encoded images one decode call takes (8 MiB: ~70 ImageNet JPEGs) and how much
             memory one task holds.
+        decode: where training images are decoded. `cpu`: in the Ray Data tasks (uint8
+            crops reach the workers). `gpu`: the tasks read only each JPEG's header and draw
+            the crop and flip; the workers get the encoded bytes and decode them on their
+            device (`raydsnas.data.device_decode.DeviceDecoder`, nvJPEG on CUDA). Validation
+            and the selection split are decoded on CPU either way.
     """
 
     uri: str = f"{BUILTIN_PREFIX}digits"
@@ -62,6 +70,7 @@ class DataSpec:
     object_store_limit_bytes: int | None = None
     keep_keys: bool = False
     target_block_bytes: int = 8 * 2**20
+    decode: str = "cpu"
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
@@ -105,6 +114,8 @@ class DataSpec:
             fail("val_crop_ratio", "a number in (0, 1]")
         if not is_int(self.target_block_bytes) or self.target_block_bytes < 2**16:
             fail("target_block_bytes", "an integer of at least 65536 bytes")
+        if self.decode not in DECODE_PLACES:
+            fail("decode", f"one of {list(DECODE_PLACES)}")
         if self.object_store_limit_bytes is not None and (
             not is_int(self.object_store_limit_bytes) or self.object_store_limit_bytes <= 0
         ):

@@ -32,6 +32,7 @@ import ray.train
 import torch
 
 from raydsnas.config import JobConfig
+from raydsnas.data.device_decode import DeviceDecoder, is_encoded
 from raydsnas.data.feed import DeviceFeed
 from raydsnas.data.sources import WorkerData
 from raydsnas.data.storage import join_path, resolve_filesystem
@@ -149,7 +150,7 @@ def start_worker(job: JobConfig, facts: dict[str, Any]) -> Worker:
     if job.scaling.sync_bn and world > 1:
         use_global_batch_norm(strategy.supernet)
     data = Batches(job, rank, world, per_worker, steps_per_epoch, device,
-                   strategy.channels_last, collective)
+                   strategy.channels_last, collective, facts.get("skipped"))
     fs, run_root = resolve_filesystem(facts["run_uri"], job.storage.options)
     events = EventLog(rank == 0, fs, join_path(run_root, "events"))
     return Worker(job, facts, rank, world, device, collective, strategy, data, events,
@@ -429,7 +430,7 @@ class Batches:
 
     def __init__(self, job: JobConfig, rank: int, world: int, per_worker: int,
                  steps_per_epoch: int, device: torch.device, channels_last: bool,
-                 collective: Collective):
+                 collective: Collective, skipped: Any = None):
         self.job, self.rank, self.world = job, rank, world
         self.collective = collective
         self.served = 0
@@ -439,7 +440,11 @@ class Batches:
         # here, for synthetic data), read by `evaluate(split="select")`.
         self.selection_fraction = job.search.selection_fraction
         self.source = WorkerData(job.data, self.selection_fraction, rank, world)
-        self.feed = DeviceFeed(device, channels_last=channels_last)
+        # data.decode: gpu: training batches arrive encoded and are decoded on `device`.
+        decoder = (DeviceDecoder(job.data, device, training=True, skipped=skipped)
+                   if job.data.decode == "gpu" else None)
+        self.feed = DeviceFeed(device, channels_last=channels_last, decoder=decoder,
+                               is_encoded=is_encoded)
 
     def train(self, epoch: int, limit: int | None = None
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

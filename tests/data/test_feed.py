@@ -41,7 +41,7 @@ def test_the_feed_yields_every_batch_normalised_with_its_labels_in_order():
 def test_an_encoded_batch_goes_to_the_decoder_and_needs_one():
     decoded = images(seed=5)
     batch = {"encoded": [b"..."] * 4, "label": torch.zeros(4, dtype=torch.int64)}
-    fed = DeviceFeed(torch.device("cpu"), decoder=lambda b: decoded,
+    fed = DeviceFeed(torch.device("cpu"), decoder=lambda b: {"image": decoded, "label": b["label"]},
                      is_encoded=lambda b: "encoded" in b)
     (x, _), = fed(iter([batch]))
     torch.testing.assert_close(x, normalize(decoded, "cpu"))
