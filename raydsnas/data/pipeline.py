@@ -1,5 +1,7 @@
 """Reading: shard set -> Ray Datasets of uint8 NCHW images and int64 labels, decoded and augmented
-on CPU by Ray Data tasks; normalisation happens later, on the training device (`normalize`)."""
+on CPU by Ray Data tasks (with `data.decode: gpu`, training images stay encoded, with their crop
+drawn, for `raydsnas.data.device_decode`); normalisation happens later, on the training device
+(`normalize`)."""
 
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def decode_batch(
 
     With `encoded` (training with `data.decode: gpu`) nothing is decoded: each row's header
     gives the image size, the crop box and flip are drawn as they would be here, and the rows
-    come out as `ENCODED_COLUMNS` for `raydsnas.data.device_decode.DeviceDecoder`."""
+    come out encoded, as `EncodedBatch` describes (for `raydsnas.data.device_decode`)."""
     # Ray Data counts executions of a dataset (one per epoch); the shard order of
     # `ShardDatasource` uses the same counter, so file order and augmentations change together.
     epoch = DataContext.get_current()._execution_idx
