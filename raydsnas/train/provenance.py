@@ -44,7 +44,7 @@ OPERATIONAL = ("scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worke
                "scaling.max_preemption_failures",
                "scaling.elastic_resize_interval_s", "storage.options", "storage.keep_checkpoints",
                "search.log_every", "search.eval_every", "data.storage_options",
-               "data.object_store_limit_bytes", "data.target_block_bytes")
+               "data.object_store_limit_bytes", "data.target_block_bytes", "data.decode")
 # Keys a run can take from the epoch it reached, with --resume-with-changes.
 EXTENDABLE = ("search.epochs", "search.checkpoint_every", "search.bn_recalibration_batches",
               "data.skip_corrupt")
