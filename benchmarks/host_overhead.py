@@ -49,6 +49,10 @@ def main() -> None:
         "dsnas": make("dsnas", space, args.steps, h=1.0, freeze_by=None),
         "dsnas exact": make("dsnas", space, args.steps, h=1.0, freeze_by=None,
                             alpha_update="exact"),
+        # SGD over the path only: on the CPU, `idle_grad: zero` updates every candidate's
+        # weights (4x the child's), real arithmetic here that a GPU's foreach kernels absorb.
+        "dsnas idle none": make("dsnas", space, args.steps, h=1.0, freeze_by=None,
+                                idle_grad="none"),
     }
     if "alpha_update" not in {f.name for f in fields(STRATEGIES["dsnas"].config)}:
         del variants["dsnas exact"]  # code from before the setting existed
