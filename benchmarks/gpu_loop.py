@@ -11,7 +11,9 @@ Each variant is one `run_search` of a job (`search.strategy: dsnas` with nothing
 FLOPs, what DSNAS's near-uniform early sampling costs on average), one worker, `--cpus` CPUs
 for Ray in all (the worker's and Ray Data's). The worker's `train_epoch` is wrapped to time
 each epoch after the first (cuDNN autotuning, first decodes) and, on a GPU, to count the
-synchronising CUDA calls it makes. Prints a table and PASS/MISS lines for the issue's targets:
+synchronising CUDA calls it makes (what `set_sync_debug_mode` sees: stream syncs and blocking
+copies; not event waits, such as `alpha_update: stale`'s wait for the step before, nor
+torchvision's internal syncs in the nvJPEG decode). Prints a table and PASS/MISS lines for the issue's targets:
 DSNAS >= 0.9x the child (moonshot 0.95x), at most one host sync a step, the loop with GPU
 decode >= 0.9x of the same loop on synthetic data with <= 2 CPU cores per GPU. On the CPU the
 sync count is not measurable (`n/a`) and the ratios describe a CPU, not a GPU.

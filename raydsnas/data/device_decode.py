@@ -70,6 +70,12 @@ class DeviceDecoder:
         self.val_crop = ResizeCenterCrop(spec.image_size, spec.val_crop_ratio)
         self.skip_corrupt, self.keep_keys, self.skipped = (spec.skip_corrupt, spec.keep_keys,
                                                            skipped)
+        # torchvision allocates nvJPEG's outputs on the current stream but writes them on a
+        # stream of its own that does not wait for the current one: memory the current stream
+        # just freed (and may still be reading) could be written early. Its outputs are
+        # allocated on a stream nothing else allocates on, then handed over (`_decode_jpeg`).
+        self._decode_stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda"
+                               else None)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         encoded = batch["encoded"]
@@ -108,14 +114,12 @@ class DeviceDecoder:
         jpegs = self.device_decodable(encoded, plain_jpeg)
         if jpegs:
             try:
-                decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB,
-                                      device=self.device)
+                decoded = self._decode_jpeg([encoded[i] for i in jpegs])
             except RuntimeError:  # one refused file fails the whole call: find it alone
                 decoded = []
                 for i in jpegs:
                     try:
-                        decoded.append(decode_jpeg(encoded[i], mode=ImageReadMode.RGB,
-                                                   device=self.device))
+                        decoded.append(self._decode_jpeg([encoded[i]])[0])
                     except RuntimeError:
                         decoded.append(None)
             for i, image in zip(jpegs, decoded, strict=True):
@@ -123,10 +127,28 @@ class DeviceDecoder:
         for i, image in enumerate(images):
             if image is None:  # not a JPEG, or one the device refused: the CPU decides
                 try:
-                    images[i] = decode_rgb(encoded[i].numpy().tobytes()).to(self.device)
+                    image = decode_rgb(encoded[i].numpy().tobytes())
+                    if self.device.type == "cuda":  # a pageable copy would sync the stream
+                        image = image.pin_memory()
+                    images[i] = image.to(self.device, non_blocking=True)
                 except DECODE_ERRORS as error:
                     images[i] = error
         return images  # type: ignore[return-value]
+
+    def _decode_jpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`decode_jpeg(data, device=self.device)`; on CUDA on the decoder's own stream, the
+        outputs then made safe for the current stream (it waits for them; the allocator keeps
+        their memory until it is done with them)."""
+        if self._decode_stream is None:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        current = torch.cuda.current_stream(self.device)
+        self._decode_stream.wait_stream(current)
+        with torch.cuda.stream(self._decode_stream):
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        current.wait_stream(self._decode_stream)
+        for image in decoded:
+            image.record_stream(current)
+        return decoded
 
     @staticmethod
     def device_decodable(encoded: list[torch.Tensor], plain_jpeg: torch.Tensor | None

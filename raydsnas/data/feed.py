@@ -83,8 +83,12 @@ class DeviceFeed:
         if self.is_encoded is not None and self.is_encoded(batch):
             if self.decoder is None:
                 raise ValueError("an encoded batch (data.decode: gpu) needs a decoder")
+            rows = len(batch["label"])
             batch = self.decoder(batch)
             images = batch["image"]
+            if len(images) == 0:  # a zero-row loss is NaN, and the all-reduce would spread it
+                raise ValueError(f"all {rows} images of a training batch were corrupt and "
+                                 "skipped (data.skip_corrupt); check the shard set")
         else:
             images = self._host_to_device(batch["image"])
         labels = self._host_to_device(torch.as_tensor(batch["label"]))

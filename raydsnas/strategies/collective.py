@@ -55,6 +55,7 @@ class TorchDistributedCollective:
         self._dist = dist
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self._avg = dist.get_backend() == "nccl"  # gloo has no ReduceOp.AVG
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
@@ -62,7 +63,7 @@ class TorchDistributedCollective:
     def all_reduce_mean(self, tensor: torch.Tensor) -> None:
         """NCCL averages in the reduction itself (`ReduceOp.AVG`); gloo has no AVG: sum, then
         divide."""
-        if tensor.is_cuda:
+        if self._avg:
             self._dist.all_reduce(tensor, op=self._dist.ReduceOp.AVG)
         else:
             self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)

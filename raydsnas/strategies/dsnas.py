@@ -283,10 +283,12 @@ class DSNAS(SupernetTrainer):
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
         """One DSNAS iteration on one batch: sample, forward, one backward, two updates.
 
-        Nothing here waits for the device with `alpha_update: stale`: the architecture gradient
-        is formed and averaged on the device and copied to pinned host memory behind the
-        weight update; the one from the step before, long finished, updates alpha (`exact`
-        waits for this step's instead: one host sync a step).
+        With `alpha_update: stale` the host never waits for the step it has just queued: the
+        architecture gradient is formed and averaged on the device and copied to pinned host
+        memory behind the weight update; the one from the step before updates alpha, a wait
+        (an event) for that earlier step's end at most, while this step's work stays queued:
+        the host runs at most one step ahead. `exact` waits for this step's own end (the
+        device then idles while the host prepares the next step).
         """
         searching = self.searching
         path = self.sample_path()

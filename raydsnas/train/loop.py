@@ -39,7 +39,7 @@ from raydsnas.data.storage import join_path, resolve_filesystem
 from raydsnas.evaluation import accuracy_from_sums, accuracy_sums, recalibrate_bn
 from raydsnas.export import save_child
 from raydsnas.strategies import Collective, build_strategy, default_collective
-from raydsnas.strategies.base import SearchStrategy
+from raydsnas.strategies.base import HostCopy, SearchStrategy
 from raydsnas.strategies.collective import average_bn_buffers
 from raydsnas.train.checkpoint import (
     RunState,
@@ -222,15 +222,20 @@ class ProgressLine:
     flops: float = field(init=False)
 
     def __post_init__(self) -> None:
+        # Copied to the host behind the step's work: `text()` waits for this copy only, not
+        # for everything queued after it (a `float(loss)` would drain the whole stream).
+        self._values = HostCopy(torch.stack([self.stats.loss.detach().float(),
+                                             self.stats.correct.detach().float()]))
         self.entropy = self.stats.entropy
         self.frozen = self.stats.num_frozen
         self.flops = self.stats.expected_flops
 
     def text(self) -> str:
         w, stats = self.worker, self.stats
+        loss, correct = self._values.wait().tolist()
         return (f"[raydsnas] epoch {self.epoch + 1}/{w.total_epochs} step {self.step}/"
-                f"{w.data.steps} loss {float(stats.loss):.4f} acc "
-                f"{float(stats.correct) / stats.batch_size:.3f} entropy {self.entropy:.3f} "
+                f"{w.data.steps} loss {loss:.4f} acc "
+                f"{correct / stats.batch_size:.3f} entropy {self.entropy:.3f} "
                 f"frozen {self.frozen}/{w.strategy.space.num_layers} E[FLOPs] "
                 f"{self.flops / 1e6:.2f}M {self.rate:.0f} img/s")
 

@@ -47,3 +47,12 @@ def test_an_encoded_batch_goes_to_the_decoder_and_needs_one():
     torch.testing.assert_close(x, normalize(decoded, "cpu"))
     with pytest.raises(ValueError, match="needs a decoder"):
         list(DeviceFeed(torch.device("cpu"), is_encoded=lambda b: True)(iter([batch])))
+
+
+def test_a_batch_whose_every_image_was_skipped_is_an_error_not_a_nan_loss():
+    batch = {"encoded": [b"..."] * 3, "label": torch.zeros(3, dtype=torch.int64)}
+    empty = {"image": torch.zeros(0, 3, 8, 8, dtype=torch.uint8),
+             "label": torch.zeros(0, dtype=torch.int64)}
+    fed = DeviceFeed(torch.device("cpu"), decoder=lambda b: empty, is_encoded=lambda b: True)
+    with pytest.raises(ValueError, match="all 3 images of a training batch were corrupt"):
+        list(fed(iter([batch])))
