@@ -26,11 +26,13 @@ BATCH_SIZE = 64
 IMAGE_SIZE = 224
 
 
-def write_jpegs(root: Path, count: int, classes: int, seed: int = 0) -> None:
-    """Photo-like JPEGs: smooth random colour fields plus fine noise, 300-500 px a side."""
+def write_jpegs(root: Path, count: int, classes: int, seed: int = 0, low: int = 300,
+                high: int = 500) -> None:
+    """Photo-like JPEGs: smooth random colour fields plus fine noise, `low`-`high` px a side
+    (default 300-500, ImageNet-like)."""
     rng = np.random.default_rng(seed)
     for i in range(count):
-        width, height = (int(v) for v in rng.integers(300, 501, size=2))
+        width, height = (int(v) for v in rng.integers(low, high + 1, size=2))
         coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
         image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
         pixels = np.asarray(image).astype(np.int16) + rng.integers(-12, 13, (height, width, 3))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = ("dsnas-synthetic", "fixed-synthetic", "dsnas-cpu", "fixed-cpu", "dsnas-gpu",
             "fixed-gpu")
@@ -120,29 +120,14 @@ def job_overrides(args, variant: str, storage: Path, shards: Path | None, arch) 
     return [f"{k}={v}" for k, v in sets.items()]
 
 
-def write_jpegs(root: Path, count: int, classes: int, low: int, high: int, seed: int) -> None:
-    """Photo-like JPEGs (smooth colour fields plus fine noise), `low`-`high` px a side."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        width, height = (int(v) for v in rng.integers(low, high + 1, size=2))
-        coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-        pixels = np.asarray(image).astype(np.int16) + rng.integers(-12, 13, (height, width, 3))
-        folder = root / f"class{i % classes:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-            folder / f"{i:06d}.JPEG", quality=90)
-
-
 def write_shard_set(root: Path, args) -> Path:
+    from data_throughput import write_jpegs  # benchmarks/, on sys.path below
+
     from raydsnas.data import write_shards
 
     train, val = root / "jpegs", root / "val"
-    write_jpegs(train, args.images, args.classes, args.jpeg_min, args.jpeg_max, seed=0)
-    write_jpegs(val, args.val_images, args.classes, args.jpeg_min, args.jpeg_max, seed=1)
+    write_jpegs(train, args.images, args.classes, 0, args.jpeg_min, args.jpeg_max)
+    write_jpegs(val, args.val_images, args.classes, 1, args.jpeg_min, args.jpeg_max)
     shards = root / "shards"
     write_shards(str(train), str(shards), shard_size=max(16, args.images // 16),
                  val_src=str(val), use_ray=False)
