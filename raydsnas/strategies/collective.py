@@ -2,9 +2,10 @@
 
 `LocalCollective` is world size 1 (no communication). `TorchDistributedCollective` wraps an
 initialised `torch.distributed` process group (gloo on CPU, NCCL on GPU), which is what Ray
-Train sets up for each worker. `mean_over_ranks` is the one routine that averages tensors over
-ranks (gradients, BatchNorm statistics); `average_bn_buffers` applies it to a module's
-BatchNorm running statistics.
+Train sets up for each worker. Two routines average over ranks: `GradientAverager`, every
+step's gradients through one persistent flat buffer (in place, nothing allocated), and
+`mean_over_ranks`, occasional tensors (BatchNorm statistics: `average_bn_buffers` applies it
+to a module's running statistics).
 """
 
 from __future__ import annotations
